@@ -1,0 +1,660 @@
+// Package rendezvous is a minimal but correct Rendezvous relay and client:
+// two parties that cannot reach each other dial out to the relay, each sends
+// the same secret as its first line, and the relay splices them into one
+// bidirectional stream. It exists so the whole attach path runs on one
+// machine for tests, demos and benchmarks, and it speaks the wire the way
+// the Heroku CLI expects (see shared PROTOCOL.md).
+package rendezvous
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+// Defaults for Relay. Each is what a zero field means.
+const (
+	DefaultFirstLineTimeout = 10 * time.Second
+	DefaultBareSecretWait   = 250 * time.Millisecond
+	DefaultPairTimeout      = 2 * time.Minute
+	DefaultMaxUnpaired      = 10000
+	DefaultWriteTimeout     = 10 * time.Second
+	// RecordSize is the largest TLS record payload; Coalesce fills records
+	// to it the way some load balancers do.
+	RecordSize = 16 << 10
+	// coalesceFlush is how long Coalesce waits for more bytes before it
+	// sends a partly filled record.
+	coalesceFlush = 2 * time.Millisecond
+)
+
+// Relay pairs connections by secret and splices them. The zero value is a
+// working TLS relay with a throwaway self-signed certificate (read CAPEM
+// after Listen). Set fields before Listen; they are not changed after.
+type Relay struct {
+	// TLSConfig is the server configuration. Its first certificate is the
+	// default, served to clients that send no SNI (the Heroku CLI sends
+	// none). Nil (and not Plain): Listen makes a self-signed CA and
+	// certificate for localhost, 127.0.0.1 and ::1.
+	TLSConfig *tls.Config
+	// Plain serves plain TCP, for running behind a TLS-terminating balancer.
+	Plain bool
+
+	FirstLineTimeout time.Duration // accept to the end of the secret line (TLS handshake included); zero: DefaultFirstLineTimeout
+	BareSecretWait   time.Duration // quiet time that ends a secret sent without a line end; zero: DefaultBareSecretWait
+	PairTimeout      time.Duration // how long one side waits for the other; zero: DefaultPairTimeout
+	MaxUnpaired      int           // connections waiting for a partner; zero: DefaultMaxUnpaired
+	WriteTimeout     time.Duration // writing the ack (and refusals); zero: DefaultWriteTimeout
+
+	// Coalesce packs spliced bytes into records of up to 16 KiB (waiting a
+	// moment for a record to fill), like a load balancer that sends large
+	// TLS records. For tests of the agent's pump.
+	Coalesce bool
+	// Fault, when set, is asked at each FaultEvent what to do. For tests.
+	Fault func(FaultEvent) FaultAction
+	// Logger receives one line per pairing and per refusal; the secret
+	// appears only as a fingerprint. Nil: no logs.
+	Logger *slog.Logger
+
+	mu       sync.Mutex
+	ln       net.Listener
+	certs    *Certs
+	slots    map[string]*slot
+	unpaired int
+	conns    map[net.Conn]struct{}
+	closing  bool
+	quit     chan struct{}
+	wg       sync.WaitGroup
+
+	stats Stats
+}
+
+// Stats counts what the relay did. Read it with Relay.Stats.
+type Stats struct {
+	Accepted, Paired, Refused, Unpaired, BadFirstLine atomic.Int64
+	Spliced                                           atomic.Int64 // payload bytes written, both directions
+}
+
+// StatsSnapshot is a copy of Stats.
+type StatsSnapshot struct {
+	Accepted, Paired, Refused, Unpaired, BadFirstLine int64
+	Spliced                                           int64
+}
+
+// FaultStage says where in a connection's life a FaultEvent happens.
+type FaultStage int
+
+const (
+	FaultAccept FaultStage = iota // a connection was accepted, before TLS
+	FaultPair                     // a pair formed, before the acks are written
+	FaultData                     // a chunk is about to be spliced (Bytes: so far in that direction)
+)
+
+// FaultEvent describes the moment a fault hook is consulted.
+type FaultEvent struct {
+	Stage       FaultStage
+	Fingerprint string // of the secret; empty at FaultAccept
+	Bytes       int64
+}
+
+// FaultAction is what a fault hook asks for. The zero value does nothing.
+type FaultAction struct {
+	Delay time.Duration // pause first
+	Drop  bool          // close the connection(s) quietly (FIN)
+	Reset bool          // abort with a TCP reset
+}
+
+type slot struct {
+	a, b    *side
+	claimed chan struct{} // closed when b arrives
+	done    chan struct{} // closed when the splice is over
+}
+
+type side struct {
+	conn net.Conn // TLS or plain
+	raw  net.Conn // TCP under it
+}
+
+// Listen opens the relay's listening socket (network "tcp", address like
+// "127.0.0.1:0"); Addr then tells where it is.
+func (r *Relay) Listen(network, addr string) error {
+	if !r.Plain && r.TLSConfig == nil {
+		c, err := NewSelfSignedCerts(DefaultHosts)
+		if err != nil {
+			return err
+		}
+		r.certs = c
+	}
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		return fmt.Errorf("relay: listen: %w", err)
+	}
+	r.mu.Lock()
+	r.ln = ln
+	r.mu.Unlock()
+	return nil
+}
+
+// Addr is the listening address, or nil before Listen.
+func (r *Relay) Addr() net.Addr {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ln == nil {
+		return nil
+	}
+	return r.ln.Addr()
+}
+
+// CAPEM is the self-signed CA made by Listen, or nil when the relay was
+// given its own TLSConfig or is Plain.
+func (r *Relay) CAPEM() []byte {
+	if r.certs == nil {
+		return nil
+	}
+	return r.certs.CAPEM
+}
+
+// Certs is what Listen generated, or nil.
+func (r *Relay) Certs() *Certs { return r.certs }
+
+// Stats returns the relay's counters.
+func (r *Relay) Stats() StatsSnapshot {
+	return StatsSnapshot{
+		Accepted: r.stats.Accepted.Load(), Paired: r.stats.Paired.Load(), Refused: r.stats.Refused.Load(),
+		Unpaired: r.stats.Unpaired.Load(), BadFirstLine: r.stats.BadFirstLine.Load(),
+		Spliced: r.stats.Spliced.Load(),
+	}
+}
+
+// Waiting is how many connections wait for a partner now.
+func (r *Relay) Waiting() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.unpaired
+}
+
+// ListenAndServe is Listen then Serve.
+func (r *Relay) ListenAndServe(network, addr string) error {
+	if err := r.Listen(network, addr); err != nil {
+		return err
+	}
+	return r.Serve()
+}
+
+// Serve accepts connections until Shutdown or Close. It returns nil after
+// those and the accept error otherwise.
+func (r *Relay) Serve() error {
+	r.mu.Lock()
+	ln := r.ln
+	if ln == nil {
+		r.mu.Unlock()
+		return errors.New("relay: Serve before Listen")
+	}
+	if r.quit == nil {
+		r.quit = make(chan struct{})
+	}
+	r.mu.Unlock()
+	tcfg := r.serverTLS()
+	var backoff time.Duration
+	for {
+		raw, err := ln.Accept()
+		if err != nil {
+			r.mu.Lock()
+			closing := r.closing
+			r.mu.Unlock()
+			if closing {
+				return nil
+			}
+			// Out of fds and the like: wait a little instead of spinning.
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) || isTemporaryAccept(err) {
+				backoff = min(max(backoff*2, 5*time.Millisecond), time.Second)
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("relay: accept: %w", err)
+		}
+		backoff = 0
+		if !r.track(raw) {
+			_ = raw.Close() // best effort: shutting down
+			continue
+		}
+		r.stats.Accepted.Add(1)
+		go r.handle(raw, tcfg)
+	}
+}
+
+func isTemporaryAccept(err error) bool {
+	type temporary interface{ Temporary() bool }
+	var t temporary
+	return errors.As(err, &t) && t.Temporary()
+}
+
+func (r *Relay) serverTLS() *tls.Config {
+	if r.Plain {
+		return nil
+	}
+	var c *tls.Config
+	if r.TLSConfig != nil {
+		c = r.TLSConfig.Clone()
+	} else {
+		c = &tls.Config{Certificates: []tls.Certificate{r.certs.Server}}
+	}
+	if c.MinVersion < tls.VersionTLS12 {
+		c.MinVersion = tls.VersionTLS12
+	}
+	return c
+}
+
+func (r *Relay) track(c net.Conn) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closing {
+		return false
+	}
+	if r.conns == nil {
+		r.conns = make(map[net.Conn]struct{})
+	}
+	r.conns[c] = struct{}{}
+	r.wg.Add(1)
+	return true
+}
+
+func (r *Relay) untrack(c net.Conn) {
+	r.mu.Lock()
+	delete(r.conns, c)
+	r.mu.Unlock()
+	r.wg.Done()
+}
+
+func (r *Relay) log() *slog.Logger {
+	if r.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return r.Logger
+}
+
+func (r *Relay) fault(ev FaultEvent) FaultAction {
+	if r.Fault == nil {
+		return FaultAction{}
+	}
+	a := r.Fault(ev)
+	if a.Delay > 0 {
+		time.Sleep(a.Delay)
+	}
+	return a
+}
+
+func abort(s *side, reset bool) {
+	if reset {
+		if tc, ok := s.raw.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0) // best effort: makes Close send RST
+		}
+	}
+	_ = s.raw.Close() // best effort: ending it is the point
+}
+
+// handle runs one accepted connection: first line, then pairing. The
+// goroutine of the second side of a pair runs the splice; the first waits.
+func (r *Relay) handle(raw net.Conn, tcfg *tls.Config) {
+	defer r.untrack(raw)
+	s := &side{conn: raw, raw: raw}
+	if a := r.fault(FaultEvent{Stage: FaultAccept}); a.Drop || a.Reset {
+		abort(s, a.Reset)
+		return
+	}
+	if tcfg != nil {
+		s.conn = tls.Server(raw, tcfg)
+	}
+	secret, err := r.readFirstLine(s.conn)
+	if err != nil {
+		r.stats.BadFirstLine.Add(1)
+		r.log().Info("relay: dropped connection", "remote", raw.RemoteAddr().String(), "err", err)
+		_ = s.conn.Close() // best effort
+		return
+	}
+	fp := tlsdial.Fingerprint(secret)
+
+	r.mu.Lock()
+	if r.slots == nil {
+		r.slots = make(map[string]*slot)
+	}
+	sl := r.slots[secret]
+	switch {
+	case r.closing:
+		r.mu.Unlock()
+		r.refuse(s, fp, "relay is shutting down")
+		return
+	case sl == nil && r.unpaired >= orInt(r.MaxUnpaired, DefaultMaxUnpaired):
+		r.mu.Unlock()
+		r.refuse(s, fp, "too many connections waiting for a partner")
+		return
+	case sl == nil:
+		sl = &slot{a: s, claimed: make(chan struct{}), done: make(chan struct{})}
+		r.slots[secret] = sl
+		r.unpaired++
+		r.mu.Unlock()
+		r.wait(sl, secret, fp)
+		return
+	case sl.b != nil:
+		r.mu.Unlock()
+		r.refuse(s, fp, "secret is already paired")
+		return
+	}
+	sl.b = s
+	r.unpaired--
+	close(sl.claimed)
+	r.mu.Unlock()
+
+	defer func() {
+		r.mu.Lock()
+		delete(r.slots, secret)
+		r.mu.Unlock()
+		close(sl.done)
+	}()
+	r.pair(sl, fp)
+}
+
+// wait is the first side's part: it waits for a partner, the pair timeout
+// or shutdown. Once claimed, the partner's goroutine owns both connections
+// and this one only waits for the splice to end.
+func (r *Relay) wait(sl *slot, secret, fp string) {
+	t := time.NewTimer(orDur(r.PairTimeout, DefaultPairTimeout))
+	defer t.Stop()
+	reason := ""
+	select {
+	case <-sl.claimed:
+		<-sl.done
+		return
+	case <-t.C:
+		reason = "no partner arrived in time"
+	case <-r.quit:
+		reason = "relay is shutting down"
+	}
+	r.mu.Lock()
+	if sl.b != nil { // claimed just as we gave up: the partner owns it now
+		r.mu.Unlock()
+		<-sl.done
+		return
+	}
+	delete(r.slots, secret)
+	r.unpaired--
+	r.mu.Unlock()
+	r.stats.Unpaired.Add(1)
+	r.log().Info("relay: unpaired connection closed", "secret_fp", fp, "reason", reason)
+	_ = sl.a.conn.Close() // best effort
+}
+
+func (r *Relay) refuse(s *side, fp, why string) {
+	r.stats.Refused.Add(1)
+	r.log().Info("relay: refused connection", "secret_fp", fp, "reason", why)
+	_ = s.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = io.WriteString(s.conn, "rendezvous: "+why+"\r\n") // best effort: tell it why
+	_ = s.conn.Close()                                       // best effort
+}
+
+// readFirstLine reads the secret: up to "\r\n" or "\n", or, for clients
+// that send no terminator, whatever arrived before BareSecretWait of quiet.
+// It reads one byte at a time so nothing behind the line is consumed.
+func (r *Relay) readFirstLine(c net.Conn) (string, error) {
+	deadline := time.Now().Add(orDur(r.FirstLineTimeout, DefaultFirstLineTimeout))
+	bare := orDur(r.BareSecretWait, DefaultBareSecretWait)
+	if err := c.SetReadDeadline(deadline); err != nil {
+		return "", err
+	}
+	line := make([]byte, 0, 128)
+	var b [1]byte
+	empty := 0
+	for {
+		n, err := c.Read(b[:])
+		if n == 1 {
+			if b[0] == '\n' {
+				break
+			}
+			line = append(line, b[0])
+			if len(line) > tlsdial.MaxSecretLen+1 {
+				return "", fmt.Errorf("first line longer than %d bytes", tlsdial.MaxSecretLen)
+			}
+			// After each byte, quiet for `bare` ends a secret with no line end.
+			if err := c.SetReadDeadline(earliest(deadline, time.Now().Add(bare))); err != nil {
+				return "", err
+			}
+			continue
+		}
+		if err == nil {
+			if empty++; empty > 100 {
+				return "", errors.New("no progress reading the first line")
+			}
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && len(line) > 0 && time.Now().Before(deadline) {
+			break // a bare secret
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return "", fmt.Errorf("no secret line within %v", orDur(r.FirstLineTimeout, DefaultFirstLineTimeout))
+		}
+		return "", fmt.Errorf("reading first line: %w", err)
+	}
+	if len(line) > 0 && line[len(line)-1] == '\r' {
+		line = line[:len(line)-1]
+	}
+	if len(line) == 0 {
+		return "", errors.New("empty secret")
+	}
+	if err := c.SetReadDeadline(time.Time{}); err != nil {
+		return "", err
+	}
+	return string(line), nil
+}
+
+// pair acknowledges both sides and splices them. Each ack is one Write, so
+// one TLS record of its own, and both are complete before any payload moves:
+// the Heroku CLI discards its whole first read, so payload must never share
+// the ack's record.
+func (r *Relay) pair(sl *slot, fp string) {
+	a, b := sl.a, sl.b
+	defer func() {
+		_ = a.conn.Close() // best effort
+		_ = b.conn.Close() // best effort
+	}()
+	if act := r.fault(FaultEvent{Stage: FaultPair, Fingerprint: fp}); act.Drop || act.Reset {
+		abort(a, act.Reset)
+		abort(b, act.Reset)
+		return
+	}
+	wt := orDur(r.WriteTimeout, DefaultWriteTimeout)
+	for _, s := range []*side{a, b} {
+		_ = s.conn.SetWriteDeadline(time.Now().Add(wt))
+		if _, err := io.WriteString(s.conn, tlsdial.Ack); err != nil {
+			r.log().Info("relay: ack failed", "secret_fp", fp, "err", err)
+			return
+		}
+	}
+	_ = a.conn.SetWriteDeadline(time.Time{})
+	_ = b.conn.SetWriteDeadline(time.Time{})
+	r.stats.Paired.Add(1)
+	r.log().Debug("relay: paired", "secret_fp", fp)
+	t0 := time.Now()
+	ab, ba, err := r.splice(a, b, fp)
+	r.log().Debug("relay: pair done", "secret_fp", fp, "a_to_b", ab, "b_to_a", ba,
+		"duration", time.Since(t0), "err", err)
+}
+
+// splice copies both ways, one goroutine per direction. An orderly end of
+// one direction is passed on as a half-close so the other keeps flowing; an
+// error in either direction ends both.
+func (r *Relay) splice(a, b *side, fp string) (ab, ba int64, err error) {
+	type result struct {
+		n   int64
+		err error
+		dir string
+	}
+	res := make(chan result, 2)
+	pipe := func(dst, src *side, dir string) {
+		n, err := r.copy(dst, src, fp)
+		if err == nil {
+			halfClose(dst)
+		} else {
+			err = fmt.Errorf("%s: %w", dir, err)
+			// Tear down both so the other direction does not wait forever.
+			abort(a, false)
+			abort(b, false)
+		}
+		res <- result{n, err, dir}
+	}
+	go pipe(b, a, "a -> b")
+	go pipe(a, b, "b -> a")
+	for range 2 {
+		x := <-res
+		if x.dir == "a -> b" {
+			ab = x.n
+		} else {
+			ba = x.n
+		}
+		err = errors.Join(err, x.err)
+	}
+	return ab, ba, err
+}
+
+func halfClose(s *side) {
+	if cw, ok := s.conn.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite() // best effort: close_notify (TLS) or FIN
+	}
+	if s.conn != s.raw {
+		if cw, ok := s.raw.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite() // best effort: FIN after close_notify
+		}
+	}
+}
+
+// copy moves src to dst until src ends (nil error) or anything fails.
+func (r *Relay) copy(dst, src *side, fp string) (int64, error) {
+	buf := make([]byte, RecordSize)
+	var total int64
+	fill := 0
+	flush := func() error {
+		if fill == 0 {
+			return nil
+		}
+		if r.Fault != nil {
+			if act := r.fault(FaultEvent{Stage: FaultData, Fingerprint: fp, Bytes: total}); act.Drop || act.Reset {
+				abort(src, act.Reset)
+				abort(dst, act.Reset)
+				return errors.New("fault injected")
+			}
+		}
+		// No write deadline: a peer that reads slowly (a paused terminal, a
+		// process not reading its stdin) is not dead; TCP keep-alive finds
+		// dead peers.
+		n, err := dst.conn.Write(buf[:fill])
+		total += int64(n)
+		r.stats.Spliced.Add(int64(n))
+		fill = 0
+		return err
+	}
+	empty := 0
+	for {
+		if r.Coalesce && fill > 0 {
+			_ = src.conn.SetReadDeadline(time.Now().Add(coalesceFlush))
+		}
+		n, err := src.conn.Read(buf[fill:])
+		fill += n
+		if r.Coalesce && fill > 0 {
+			_ = src.conn.SetReadDeadline(time.Time{})
+		}
+		switch {
+		case err == nil && n == 0:
+			if empty++; empty > 100 {
+				return total, errors.New("no progress: repeated empty reads")
+			}
+			continue
+		case err == nil:
+			empty = 0
+			if !r.Coalesce || fill == len(buf) {
+				if err := flush(); err != nil {
+					return total, err
+				}
+			}
+		case r.Coalesce && errors.Is(err, os.ErrDeadlineExceeded):
+			if err := flush(); err != nil {
+				return total, err
+			}
+		case errors.Is(err, io.EOF):
+			return total, flush()
+		default:
+			if ferr := flush(); ferr != nil {
+				return total, ferr
+			}
+			return total, err
+		}
+	}
+}
+
+// Shutdown stops accepting, closes connections still waiting for a partner,
+// and waits for active pairs to finish until ctx ends; then it closes them.
+func (r *Relay) Shutdown(ctx context.Context) error {
+	r.mu.Lock()
+	if !r.closing {
+		r.closing = true
+		if r.quit == nil {
+			r.quit = make(chan struct{})
+		}
+		close(r.quit)
+		if r.ln != nil {
+			_ = r.ln.Close() // best effort
+		}
+	}
+	r.mu.Unlock()
+	done := make(chan struct{})
+	go func() { r.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	r.mu.Lock()
+	for c := range r.conns {
+		_ = c.Close() // best effort: grace is over
+	}
+	r.mu.Unlock()
+	<-done
+	return ctx.Err()
+}
+
+// Close stops the relay at once, closing every connection.
+func (r *Relay) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = r.Shutdown(ctx)
+	return nil
+}
+
+func orDur(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}
+
+func orInt(n, def int) int {
+	if n == 0 {
+		return def
+	}
+	return n
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
