@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -195,4 +194,3 @@ func rawTerminal(io stdio) func() {
 	}
 }
 
-var errNotYet = errors.New("not built yet")

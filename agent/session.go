@@ -1,0 +1,215 @@
+// Package agent runs attach sessions: dial the relay, wait for the pair,
+// start the process (only then), pump, drain, and report one result with
+// one reason. It wires tlsdial (the stream) to ptyio (the process and the
+// pump) and owns the session's log line; the daemon's manager and control
+// API build on it.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"syscall"
+	"time"
+
+	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/rendezvous"
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+// Reasons that end a session before a process exists; the rest come from
+// ptyio. Together they are the closed set a session's end is one of.
+const (
+	ReasonPairTimeout ptyio.Reason = "pair_timeout"
+	ReasonDialFailed  ptyio.Reason = "dial_failed"
+	ReasonSpawnFailed ptyio.Reason = "spawn_failed"
+)
+
+// Reasons lists every end reason, for metrics created up front.
+var Reasons = []ptyio.Reason{
+	ptyio.ReasonExited, ptyio.ReasonClientGone, ptyio.ReasonIdle, ptyio.ReasonMaxDuration,
+	ptyio.ReasonStalled, ReasonPairTimeout, ReasonDialFailed, ReasonSpawnFailed,
+	ptyio.ReasonKilled, ptyio.ReasonShutdown,
+}
+
+// ExitAgentError is the exit code for a session the agent could not run
+// (dial, TLS, pairing, spawn): the shell-style code 125.
+const ExitAgentError = 125
+
+// Spec is one session to run.
+type Spec struct {
+	URL     tlsdial.URL
+	Dial    tlsdial.Config
+	Process ptyio.Spec
+	Pump    ptyio.Config
+	// ExitStatusMarker writes the Heroku CLI's exit-status line after all
+	// output, so `heroku run -x` and our client exit with the status.
+	ExitStatusMarker bool
+	// Labels (app, dyno name) are carried into the log lines.
+	Labels map[string]string
+}
+
+// Timings break a session into phases.
+type Timings struct {
+	Connect, TLS, Dial, Pair, Spawn time.Duration
+	// FirstOutput is from the start of the session to its first output
+	// byte written to the stream.
+	FirstOutput time.Duration
+	Total       time.Duration
+	Attempts    int
+}
+
+// Result is how a session ended. Err is never nil unless Reason is exited.
+type Result struct {
+	Reason   ptyio.Reason
+	ExitCode int // the command's status, or 125 / 126 / 127 when it did not run
+	Signal   syscall.Signal
+	Started  bool // the process was started
+	BytesIn  int64
+	BytesOut int64
+	Empty    int64 // reads without progress
+	Timings  Timings
+	SlowDial bool
+	Err      error
+}
+
+// Run runs one session to its end. The context ends it early: cancel it
+// with ptyio.ErrShutdown as the cause for reason shutdown, anything else
+// for killed. log receives one line at the end (and warnings); nil: none.
+func Run(ctx context.Context, spec Spec, log *slog.Logger) Result {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t0 := time.Now()
+	res := run(ctx, spec, log, t0)
+	res.Timings.Total = time.Since(t0)
+	logResult(log, spec, res)
+	return res
+}
+
+func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result {
+	var res Result
+	ctxReason := func() ptyio.Reason {
+		if errors.Is(context.Cause(ctx), ptyio.ErrShutdown) {
+			return ptyio.ReasonShutdown
+		}
+		return ptyio.ReasonKilled
+	}
+	fail := func(r ptyio.Reason, err error) Result {
+		if ctx.Err() != nil {
+			r = ctxReason()
+		}
+		res.Reason, res.Err, res.ExitCode = r, err, ExitAgentError
+		return res
+	}
+
+	conn, err := tlsdial.Dial(ctx, spec.URL, spec.Dial)
+	if err != nil {
+		return fail(ReasonDialFailed, err)
+	}
+	defer func() { _ = conn.Close() }() // best effort: ptyio closes it too
+	res.Timings.Connect, res.Timings.TLS, res.Timings.Dial = conn.Timings.Connect, conn.Timings.TLS, conn.Timings.Dial
+	res.Timings.Attempts = conn.Timings.Attempts
+	if conn.Slow() {
+		res.SlowDial = true
+		log.Warn("slow relay handshake", "secret_fp", spec.URL.Fingerprint(),
+			"connect_ms", ms(conn.Timings.Connect), "tls_ms", ms(conn.Timings.TLS),
+			"dial_ms", ms(conn.Timings.Dial), "attempts", conn.Timings.Attempts)
+	}
+
+	err = conn.Pair(ctx, spec.URL.Secret, spec.Dial.PairTimeout)
+	res.Timings.Pair = conn.Timings.Pair
+	if errors.Is(err, tlsdial.ErrPairTimeout) {
+		return fail(ReasonPairTimeout, err)
+	}
+	if err != nil {
+		return fail(ReasonDialFailed, err)
+	}
+
+	// Only now, with somebody attached, does the command run.
+	ts := time.Now()
+	proc, err := ptyio.Start(spec.Process)
+	res.Timings.Spawn = time.Since(ts)
+	if err != nil {
+		res = fail(ReasonSpawnFailed, err)
+		var se *ptyio.SpawnError
+		if errors.As(err, &se) {
+			res.ExitCode = se.Code
+		}
+		tellClient(conn, err, spec, res.ExitCode)
+		return res
+	}
+	res.Started = true
+
+	pc := spec.Pump
+	if spec.ExitStatusMarker {
+		pc.ExitMarker = rendezvous.ExitStatusLine
+	}
+	if pc.Unsent == nil {
+		pc.Unsent = ptyio.SocketUnsent(conn.Raw.(syscall.Conn))
+	}
+	startPump := time.Since(t0)
+	pr := ptyio.Run(ctx, conn, proc, pc)
+	res.Reason, res.ExitCode, res.Signal, res.Err = pr.Reason, pr.ExitCode, pr.Signal, pr.Err
+	res.BytesIn, res.BytesOut, res.Empty = pr.BytesIn, pr.BytesOut, pr.EmptyReads
+	if pr.FirstOutput > 0 {
+		res.Timings.FirstOutput = startPump + pr.FirstOutput
+	}
+	return res
+}
+
+// tellClient sends a failure as one line starting "attach-agent:", the
+// exit marker if asked, and ends the stream politely.
+func tellClient(conn *tlsdial.Conn, err error, spec Spec, code int) {
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	msg := "attach-agent: " + err.Error() + "\r\n"
+	if _, werr := io.WriteString(conn, msg); werr != nil {
+		return
+	}
+	if spec.ExitStatusMarker {
+		if _, werr := io.WriteString(conn, rendezvous.ExitStatusLine(code)); werr != nil {
+			return
+		}
+	}
+	_ = conn.CloseWrite()
+	// A short linger for the client's end, so it reads the line before a
+	// close could reset the connection.
+	_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+	_, _ = io.Copy(io.Discard, conn)
+}
+
+func ms(d time.Duration) int64 { return d.Milliseconds() }
+
+func logResult(log *slog.Logger, spec Spec, r Result) {
+	attrs := []any{
+		"secret_fp", spec.URL.Fingerprint(), "relay", spec.URL.Addr(), "reason", string(r.Reason),
+		"exit_code", r.ExitCode, "bytes_in", r.BytesIn, "bytes_out", r.BytesOut,
+		"duration_ms", ms(r.Timings.Total), "dial_ms", ms(r.Timings.Dial), "tls_ms", ms(r.Timings.TLS),
+		"pair_ms", ms(r.Timings.Pair), "spawn_ms", ms(r.Timings.Spawn), "first_output_ms", ms(r.Timings.FirstOutput),
+	}
+	if r.Signal != 0 {
+		attrs = append(attrs, "signal", r.Signal.String())
+	}
+	if r.Err != nil {
+		attrs = append(attrs, "err", r.Err.Error())
+	}
+	for k, v := range spec.Labels {
+		attrs = append(attrs, "label_"+k, v)
+	}
+	level := slog.LevelInfo
+	if r.Reason != ptyio.ReasonExited {
+		level = slog.LevelWarn
+	}
+	log.Log(context.Background(), level, "session ended", attrs...)
+}
+
+// String is a one-line description for people.
+func (r Result) String() string {
+	s := fmt.Sprintf("reason=%s exit=%d in=%d out=%d", r.Reason, r.ExitCode, r.BytesIn, r.BytesOut)
+	if r.Err != nil {
+		s += " err=" + r.Err.Error()
+	}
+	return s
+}

@@ -1,0 +1,438 @@
+// Package ptyio runs a command under a pty or plain pipes and moves bytes
+// between it and a network stream with one goroutine per direction, under
+// idle, stall, drain and duration bounds. It knows nothing of TLS, relays,
+// HTTP or metrics: it is given an io.ReadWriter-like stream and a process
+// spec, and it reports what happened.
+package ptyio
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+	"golang.org/x/term"
+)
+
+// DefaultPath is the PATH a child gets when its environment has none.
+const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// DefaultTerm is TERM for a child with a tty whose environment has none.
+const DefaultTerm = "xterm-256color"
+
+// Spec is what to run and how.
+type Spec struct {
+	Argv []string // program and arguments; Argv[0] is looked up in the child's PATH
+	Env  []string // the child's whole environment (PATH and, with a tty, TERM are added when absent)
+	Dir  string   // working directory; empty: the agent's
+	TTY  bool     // run under a pty; false: plain pipes, stdout and stderr merged
+	Raw  bool     // with TTY: no echo, no CR/LF rewriting, no line editing or limit
+	Cols uint16   // initial pty width; zero: 80
+	Rows uint16   // initial pty height; zero: 24
+
+	// SysProcAttr, when set, is the base for the child's attributes
+	// (credentials, namespaces); Setsid and the controlling tty are set here.
+	SysProcAttr *syscall.SysProcAttr
+}
+
+// SpawnError is a command that could not be started. Code is the shell's
+// convention: 127 not found, 126 found but not executable, 125 otherwise.
+type SpawnError struct {
+	Name string
+	Code int
+	Err  error
+}
+
+func (e *SpawnError) Error() string {
+	switch e.Code {
+	case 127:
+		return fmt.Sprintf("%s: command not found", e.Name)
+	case 126:
+		return fmt.Sprintf("%s: not executable: %v", e.Name, e.Err)
+	}
+	return fmt.Sprintf("start %s: %v", e.Name, e.Err)
+}
+
+func (e *SpawnError) Unwrap() error { return e.Err }
+
+// Process is a started command and our ends of its terminal or pipes.
+type Process struct {
+	cmd *exec.Cmd
+	pid int
+
+	// master is the pty master (TTY) or the read end of the output pipe;
+	// input is the same master (TTY) or the write end of the stdin pipe.
+	// Both are non-blocking and on Go's poller, so deadlines and Close
+	// interrupt blocked reads and writes.
+	master *os.File
+	input  *os.File
+	tty    bool
+	raw    bool
+	ptsDev string
+
+	waitOnce sync.Once
+	done     chan struct{}
+	state    *os.ProcessState
+	waitErr  error
+}
+
+// Start starts the command. The parent's copy of the tty (or of the
+// child's pipe ends) is closed before Start returns, so the master reads EIO
+// (EOF) once every process holding the terminal has gone.
+func Start(spec Spec) (*Process, error) {
+	if len(spec.Argv) == 0 || spec.Argv[0] == "" {
+		return nil, &SpawnError{Name: "''", Code: 127, Err: errors.New("empty command")}
+	}
+	env := withDefaults(spec.Env, spec.TTY)
+	path, err := lookPath(spec.Argv[0], envValue(env, "PATH"), spec.Dir)
+	if err != nil {
+		return nil, err
+	}
+	attr := &syscall.SysProcAttr{}
+	if spec.SysProcAttr != nil {
+		c := *spec.SysProcAttr
+		attr = &c
+	}
+	attr.Setsid = true // own session and process group: one signal reaches all of it
+	cmd := &exec.Cmd{Path: path, Args: spec.Argv, Env: env, Dir: spec.Dir, SysProcAttr: attr}
+	p := &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{})}
+	if spec.TTY {
+		err = p.startPTY(spec)
+	} else {
+		err = p.startPipes()
+	}
+	if err != nil {
+		return nil, spawnError(spec.Argv[0], err)
+	}
+	p.pid = cmd.Process.Pid
+	go p.wait()
+	return p, nil
+}
+
+func spawnError(name string, err error) error {
+	var se *SpawnError
+	if errors.As(err, &se) {
+		return err
+	}
+	code := 125
+	switch {
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOENT):
+		code = 127
+	case errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.ENOEXEC):
+		code = 126
+	}
+	return &SpawnError{Name: name, Code: code, Err: err}
+}
+
+func (p *Process) startPTY(spec Spec) error {
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		return fmt.Errorf("open pty: %w", err)
+	}
+	defer func() { _ = tty.Close() }() // the child has its own copies after Start
+	p.ptsDev = tty.Name()
+	cols, rows := spec.Cols, spec.Rows
+	if cols == 0 {
+		cols = 80
+	}
+	if rows == 0 {
+		rows = 24
+	}
+	if err := pty.Setsize(ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
+		_ = ptmx.Close()
+		return fmt.Errorf("set pty size: %w", err)
+	}
+	if spec.Raw {
+		if _, err := term.MakeRaw(int(tty.Fd())); err != nil {
+			_ = ptmx.Close()
+			return fmt.Errorf("raw pty: %w", err)
+		}
+	}
+	master, err := pollable(ptmx)
+	if err != nil {
+		return fmt.Errorf("pty master: %w", err)
+	}
+	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = tty, tty, tty
+	p.cmd.SysProcAttr.Setctty = true
+	p.cmd.SysProcAttr.Ctty = 0 // the child's fd 0, the tty
+	if err := p.cmd.Start(); err != nil {
+		_ = master.Close()
+		return err
+	}
+	p.master, p.input = master, master
+	return nil
+}
+
+// pollable swaps f, whose fd creack/pty left blocking (Fd() does that),
+// for a non-blocking duplicate on Go's poller: then Close interrupts a
+// blocked Read and deadlines work. f is closed.
+func pollable(f *os.File) (*os.File, error) {
+	defer func() { _ = f.Close() }()
+	var nfd int
+	var derr error
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, derr
+	}
+	if err := unix.SetNonblock(nfd, true); err != nil {
+		_ = unix.Close(nfd)
+		return nil, err
+	}
+	return os.NewFile(uintptr(nfd), f.Name()), nil
+}
+
+func (p *Process) startPipes() error {
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		_, _ = inR.Close(), inW.Close()
+		return err
+	}
+	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = inR, outW, outW
+	err = p.cmd.Start()
+	_, _ = inR.Close(), outW.Close() // the child's ends
+	if err != nil {
+		_, _ = inW.Close(), outR.Close()
+		return err
+	}
+	p.master, p.input = outR, inW
+	return nil
+}
+
+func (p *Process) wait() {
+	p.state, p.waitErr = p.cmd.Process.Wait()
+	close(p.done)
+}
+
+// Pid is the process id (also its process group and session id).
+func (p *Process) Pid() int { return p.pid }
+
+// Done is closed when the main process has exited and been reaped.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// ExitStatus is the status after Done: the exit code, or 128+N when killed
+// by signal N (the shell's convention), and the signal (0 if none).
+func (p *Process) ExitStatus() (code int, sig syscall.Signal) {
+	<-p.done
+	if p.state == nil {
+		return 125, 0
+	}
+	if ws, ok := p.state.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), ws.Signal()
+	}
+	return p.state.ExitCode(), 0
+}
+
+// Signal sends sig to the whole process group; a group already gone is not
+// an error.
+func (p *Process) Signal(sig syscall.Signal) error {
+	err := syscall.Kill(-p.pid, sig)
+	if errors.Is(err, syscall.ESRCH) {
+		return nil
+	}
+	return err
+}
+
+// GroupAlive reports whether any process of the group is still there
+// (zombies waiting for their parent count as gone).
+func (p *Process) GroupAlive() bool {
+	if syscall.Kill(-p.pid, 0) != nil {
+		return false
+	}
+	return anyLiveInGroup(p.pid)
+}
+
+// anyLiveInGroup scans /proc for a non-zombie process in group pgid.
+func anyLiveInGroup(pgid int) bool {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return true // cannot tell: assume alive
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if name[0] < '0' || name[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + name + "/stat")
+		if err != nil {
+			continue
+		}
+		// The fields after the command (which is in parentheses) are
+		// state, ppid, pgrp.
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) >= 3 && f[2] == fmt.Sprint(pgid) && f[0] != "Z" && f[0] != "X" {
+			return true
+		}
+	}
+	return false
+}
+
+// Close releases our ends of the terminal or pipes. It does not signal the
+// process: use Signal first.
+func (p *Process) Close() error {
+	err := p.master.Close()
+	if p.input != p.master {
+		err = errors.Join(err, p.input.Close())
+	}
+	return err
+}
+
+func withDefaults(env []string, tty bool) []string {
+	out := append([]string(nil), env...)
+	if envValue(out, "PATH") == "" && !hasKey(out, "PATH") {
+		out = append(out, "PATH="+DefaultPath)
+	}
+	if tty && !hasKey(out, "TERM") {
+		out = append(out, "TERM="+DefaultTerm)
+	}
+	return out
+}
+
+func hasKey(env []string, key string) bool {
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); k == key {
+			return true
+		}
+	}
+	return false
+}
+
+func envValue(env []string, key string) string {
+	v := ""
+	for _, kv := range env {
+		if k, val, ok := strings.Cut(kv, "="); ok && k == key {
+			v = val // the last one wins, as in exec
+		}
+	}
+	return v
+}
+
+// lookPath finds name in the child's PATH (not the agent's).
+func lookPath(name, path, dir string) (string, error) {
+	if strings.Contains(name, "/") {
+		full := name
+		if !filepath.IsAbs(full) && dir != "" {
+			full = filepath.Join(dir, full)
+		}
+		if err := executable(full); err != nil {
+			return "", spawnError(name, err)
+		}
+		return full, nil
+	}
+	var firstErr error
+	for _, d := range filepath.SplitList(path) {
+		if d == "" {
+			d = "."
+		}
+		full := filepath.Join(d, name)
+		err := executable(full)
+		if err == nil {
+			return full, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) && firstErr == nil {
+			firstErr = err
+		}
+	}
+	if firstErr != nil {
+		return "", spawnError(name, firstErr)
+	}
+	return "", &SpawnError{Name: name, Code: 127, Err: fs.ErrNotExist}
+}
+
+func executable(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if st.IsDir() {
+		return fmt.Errorf("is a directory: %w", fs.ErrPermission)
+	}
+	if st.Mode()&0o111 == 0 {
+		return fmt.Errorf("no execute permission: %w", fs.ErrPermission)
+	}
+	return nil
+}
+
+// CloseInput gives the process end of input. With pipes it closes the
+// stdin pipe. With a pty it types VEOF, twice when a line is in progress
+// (the first ends the line, the second reads as EOF). A raw pty has no
+// in-band EOF, so once the process has read what was queued, the line
+// discipline is switched back to canonical mode (echo and output
+// processing stay off) and VEOF is typed. lastByte is the last byte
+// written to the process, or -1.
+func (p *Process) CloseInput(lastByte int, settle time.Duration) error {
+	if !p.tty {
+		return p.input.Close()
+	}
+	rc, err := p.master.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var tio *unix.Termios
+	var terr error
+	if err := rc.Control(func(fd uintptr) { tio, terr = unix.IoctlGetTermios(int(fd), unix.TCGETS) }); err != nil {
+		return err
+	}
+	if terr != nil {
+		return fmt.Errorf("read pty modes: %w", terr)
+	}
+	if p.raw && tio.Lflag&unix.ICANON == 0 {
+		p.waitInputRead(settle)
+		tio.Lflag |= unix.ICANON
+		if err := rc.Control(func(fd uintptr) { terr = unix.IoctlSetTermios(int(fd), unix.TCSETS, tio) }); err != nil {
+			return err
+		}
+		if terr != nil {
+			return fmt.Errorf("canonical mode for EOF: %w", terr)
+		}
+		lastByte = '\n'
+	}
+	eof := []byte{tio.Cc[unix.VEOF]}
+	if lastByte >= 0 && lastByte != '\n' && lastByte != '\r' {
+		eof = append(eof, eof[0])
+	}
+	_, err = p.master.Write(eof)
+	return err
+}
+
+// waitInputRead waits, up to settle, until the process has read the input
+// queued on its terminal, so the switch to canonical mode cannot cut a
+// pending line.
+func (p *Process) waitInputRead(settle time.Duration) {
+	f, err := os.OpenFile(p.ptsDev, os.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return
+	}
+	defer func() { _ = f.Close() }() // best effort
+	deadline := time.Now().Add(settle)
+	for zero := 0; zero < 2 && time.Now().Before(deadline); {
+		if queued(f, unix.TIOCINQ) == 0 {
+			zero++
+		} else {
+			zero = 0
+		}
+		time.Sleep(5 * time.Millisecond) // bounded by settle; the kernel gives no event for this
+	}
+}

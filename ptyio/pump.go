@@ -1,0 +1,515 @@
+package ptyio
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Stream is the network side of a session: a connection that can end its
+// writing half (TLS close_notify or TCP FIN) while it still reads.
+type Stream interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// Reason is why a session ended. Run returns the first six; the agent adds
+// the ones that happen before a process exists.
+type Reason string
+
+const (
+	ReasonExited      Reason = "exited"       // the process exited and its output was delivered
+	ReasonClientGone  Reason = "client_gone"  // the stream broke (reset, write error)
+	ReasonIdle        Reason = "idle_timeout" // nothing moved and nothing was queued for IdleTimeout
+	ReasonMaxDuration Reason = "max_duration" // the session ran for MaxDuration
+	ReasonStalled     Reason = "stalled"      // output could not be written for StallTimeout
+	ReasonKilled      Reason = "killed"       // ended from outside (context cancelled)
+	ReasonShutdown    Reason = "shutdown"     // the agent is shutting down
+)
+
+// ErrShutdown as the cancel cause of Run's context records ReasonShutdown
+// instead of ReasonKilled.
+var ErrShutdown = errors.New("agent shutting down")
+
+// Defaults for Config; each is what a zero field means.
+const (
+	DefaultIdleTimeout  = time.Hour
+	DefaultStallTimeout = time.Minute
+	DefaultMaxDuration  = 24 * time.Hour
+	DefaultDrainTimeout = 2 * time.Second
+	DefaultDrainQuiet   = 100 * time.Millisecond
+	DefaultLinger       = 2 * time.Second
+	DefaultTermDelay    = time.Second
+	DefaultKillGrace    = 5 * time.Second
+	// BufSize is each direction's buffer, reused for the session's life.
+	BufSize = 32 << 10
+	// maxEmptyReads bounds consecutive reads that bring neither bytes nor
+	// an error (the close_notify busy-loop incident).
+	maxEmptyReads = 64
+)
+
+// Config bounds a session's pump. Zero durations mean the defaults above;
+// IdleTimeout and MaxDuration may be negative to turn them off.
+type Config struct {
+	IdleTimeout  time.Duration // no byte moved either way and nothing queued in the kernel
+	StallTimeout time.Duration // one write of output to the stream blocked this long
+	MaxDuration  time.Duration // whole session
+	DrainTimeout time.Duration // after the process exits, at most this long to copy what is left
+	DrainQuiet   time.Duration // after the process exits, this long with no output ends the drain
+	Linger       time.Duration // after our close_notify, wait this long for the client's own end
+	TermDelay    time.Duration // SIGHUP, then SIGTERM after this
+	KillGrace    time.Duration // SIGTERM, then SIGKILL after this
+
+	// EOFByte: in pipes mode, 0x04 from the client ends the process's input
+	// (the Heroku CLI sends it at the end of its stdin). Ignored with a pty,
+	// whose line discipline does the same.
+	EOFByte bool
+	// ExitMarker, when set, formats the line written after all output
+	// with the exit status (one Write, never split).
+	ExitMarker func(code int) string
+	// Unsent reports bytes the socket has not sent yet (see SocketUnsent);
+	// such bytes are activity for the idle timeout. Nil: not counted.
+	Unsent func() int
+}
+
+func (c Config) withDefaults() Config {
+	d := func(v *time.Duration, def time.Duration) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	d(&c.IdleTimeout, DefaultIdleTimeout)
+	d(&c.StallTimeout, DefaultStallTimeout)
+	d(&c.MaxDuration, DefaultMaxDuration)
+	d(&c.DrainTimeout, DefaultDrainTimeout)
+	d(&c.DrainQuiet, DefaultDrainQuiet)
+	d(&c.Linger, DefaultLinger)
+	d(&c.TermDelay, DefaultTermDelay)
+	d(&c.KillGrace, DefaultKillGrace)
+	return c
+}
+
+// Validate reports a field that cannot work.
+func (c Config) Validate() error {
+	for name, v := range map[string]time.Duration{
+		"stall timeout": c.StallTimeout, "drain timeout": c.DrainTimeout, "drain quiet": c.DrainQuiet,
+		"linger": c.Linger, "term delay": c.TermDelay, "kill grace": c.KillGrace,
+	} {
+		if v < 0 {
+			return fmt.Errorf("%s is negative (%v): use a positive duration, or zero for the default", name, v)
+		}
+	}
+	return nil
+}
+
+// Result is what happened to a session once Run returns.
+type Result struct {
+	Reason   Reason
+	ExitCode int            // the process's status (128+N for signal N)
+	Signal   syscall.Signal // the signal that ended it, if any
+	BytesIn  int64          // client -> process
+	BytesOut int64          // process -> client (notices and the marker excluded)
+	// FirstOutput is the time from Run's start to the first output byte
+	// written to the stream; zero if there was none.
+	FirstOutput time.Duration
+	// EmptyReads counts reads that returned neither bytes nor an error.
+	EmptyReads int64
+	// Err says more about a Reason other than exited; nil otherwise.
+	Err error
+}
+
+type session struct {
+	s     Stream
+	p     *Process
+	cfg   Config
+	start time.Time
+
+	lastActive atomic.Int64 // ns since start: the one thing both directions share
+	bytesIn    atomic.Int64
+	bytesOut   atomic.Int64
+	firstOut   atomic.Int64
+	empty      atomic.Int64
+	exited     atomic.Bool  // set before the drain deadline is first armed
+	exitedAt   atomic.Int64 // ns since start
+}
+
+func (s *session) touch() { s.lastActive.Store(int64(time.Since(s.start))) }
+
+// Run pumps bytes between s and p until the session ends, then tears it
+// down. The teardown order, pinned by TestTeardownOrder:
+//
+//  1. the process exits, or is signalled (HUP, TERM after TermDelay, KILL
+//     after KillGrace) when the session ends for another reason;
+//  2. its remaining output is copied until EOF/EIO, or DrainQuiet with
+//     nothing new, or DrainTimeout in all;
+//  3. if the stream still works: the one-line notice for a reason other
+//     than exited, then the exit marker line (if asked), then close_notify,
+//     then up to Linger waiting for the client's own end;
+//  4. the stream is closed; what is left of the process group gets SIGHUP
+//     and, if still there after KillGrace, SIGKILL; our pty or pipe ends
+//     are closed; both goroutines are joined.
+//
+// Run never returns before both pump goroutines have ended.
+func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
+	cfg = cfg.withDefaults()
+	s := &session{s: st, p: p, cfg: cfg, start: time.Now()}
+	s.touch()
+
+	inDone := make(chan error, 1)
+	outDone := make(chan error, 1)
+	go func() { inDone <- s.input() }()
+	go func() { outDone <- s.output() }()
+
+	var (
+		reason     Reason
+		detail     error
+		streamDead bool
+		outOver    bool
+		inOver     bool
+		killStop   = make(chan struct{})
+		killing    bool
+	)
+	end := func(r Reason, err error) {
+		if reason != "" {
+			return
+		}
+		reason, detail = r, err
+		if r == ReasonClientGone || r == ReasonStalled {
+			streamDead = true
+			_ = st.Close() // unblocks both directions at once
+		}
+		if !killing {
+			killing = true
+			go s.terminate(killStop)
+		}
+	}
+	idle := newTimer(cfg.IdleTimeout)
+	defer idle.Stop()
+	maxT := newTimer(cfg.MaxDuration)
+	defer maxT.Stop()
+	procDone := p.Done()
+
+	for !(outOver && procDone == nil) {
+		select {
+		case <-procDone:
+			procDone = nil
+			s.exitedAt.Store(int64(time.Since(s.start)))
+			s.exited.Store(true)
+			// Bound the drain: a background child can hold the pty open.
+			_ = p.master.SetReadDeadline(time.Now().Add(cfg.DrainQuiet))
+		case err := <-outDone:
+			outOver = true
+			var we *streamWriteError
+			switch {
+			case errors.As(err, &we) && isTimeout(we.err):
+				end(ReasonStalled, fmt.Errorf("output blocked for %v: %w", cfg.StallTimeout, we.err))
+			case errors.As(err, &we):
+				end(ReasonClientGone, err)
+			}
+		case err := <-inDone:
+			inDone, inOver = nil, true
+			if err != nil && reason == "" {
+				end(ReasonClientGone, err)
+			}
+		case <-idle.C():
+			if d := s.idleFor(); d < cfg.IdleTimeout {
+				idle.Reset(cfg.IdleTimeout - d)
+				continue
+			}
+			end(ReasonIdle, fmt.Errorf("no activity for %v", cfg.IdleTimeout))
+		case <-maxT.C():
+			end(ReasonMaxDuration, fmt.Errorf("session reached its %v limit", cfg.MaxDuration))
+		case <-ctx.Done():
+			r := ReasonKilled
+			if errors.Is(context.Cause(ctx), ErrShutdown) {
+				r = ReasonShutdown
+			}
+			end(r, context.Cause(ctx))
+			ctx = context.Background() // fire once
+		}
+	}
+	close(killStop)
+	if reason == "" {
+		reason = ReasonExited
+	}
+	code, sig := p.ExitStatus()
+
+	if !streamDead {
+		_ = st.SetWriteDeadline(time.Now().Add(cfg.StallTimeout))
+		var werr error
+		if reason != ReasonExited {
+			_, werr = io.WriteString(st, "\r\nattach-agent: session ended: "+notice(reason, cfg)+"\r\n")
+		}
+		if werr == nil && cfg.ExitMarker != nil {
+			_, werr = io.WriteString(st, cfg.ExitMarker(code))
+		}
+		if werr == nil {
+			werr = st.CloseWrite()
+		}
+		if werr == nil && !inOver {
+			// Bound both things the input goroutine may block on.
+			_ = st.SetReadDeadline(time.Now().Add(cfg.Linger))
+			_ = p.input.SetWriteDeadline(time.Now().Add(cfg.Linger))
+			<-inDone
+			inOver = true
+		}
+	}
+	_ = st.Close()
+	s.reapGroup()
+	_ = p.Close()
+	if !inOver {
+		<-inDone
+	}
+	res := Result{
+		Reason: reason, ExitCode: code, Signal: sig, Err: detail,
+		BytesIn: s.bytesIn.Load(), BytesOut: s.bytesOut.Load(), EmptyReads: s.empty.Load(),
+	}
+	if f := s.firstOut.Load(); f > 0 {
+		res.FirstOutput = time.Duration(f)
+	}
+	return res
+}
+
+func notice(r Reason, cfg Config) string {
+	switch r {
+	case ReasonIdle:
+		return fmt.Sprintf("idle for %v", cfg.IdleTimeout)
+	case ReasonMaxDuration:
+		return fmt.Sprintf("reached the %v session limit", cfg.MaxDuration)
+	case ReasonKilled:
+		return "ended by the operator"
+	case ReasonShutdown:
+		return "the agent is shutting down"
+	}
+	return string(r)
+}
+
+// idleFor is how long nothing has moved, counting bytes still queued in
+// the kernel (unsent on the socket, unread from the process) as movement.
+func (s *session) idleFor() time.Duration {
+	if s.cfg.Unsent != nil && s.cfg.Unsent() > 0 {
+		s.touch()
+	}
+	if queued(s.p.master, unix.TIOCINQ) > 0 {
+		s.touch()
+	}
+	return time.Since(s.start) - time.Duration(s.lastActive.Load())
+}
+
+// terminate signals the process group until the main process is gone:
+// SIGHUP (the terminal hung up), SIGTERM after TermDelay, SIGKILL after
+// KillGrace more. It stops early when stop is closed or the process exits.
+func (s *session) terminate(stop <-chan struct{}) {
+	steps := []struct {
+		sig   syscall.Signal
+		after time.Duration
+	}{{syscall.SIGHUP, 0}, {syscall.SIGTERM, s.cfg.TermDelay}, {syscall.SIGKILL, s.cfg.KillGrace}}
+	for _, st := range steps {
+		if st.after > 0 {
+			t := time.NewTimer(st.after)
+			select {
+			case <-t.C:
+			case <-s.p.Done():
+				t.Stop()
+				return
+			case <-stop:
+				t.Stop()
+				return
+			}
+		}
+		_ = s.p.Signal(st.sig)
+		if st.sig == syscall.SIGHUP {
+			_ = s.p.Signal(syscall.SIGCONT) // a stopped process must wake to die
+		}
+	}
+}
+
+// reapGroup ends what is left of the process group after the main process
+// (background children holding the pty): SIGHUP, then SIGKILL if any is
+// still there after KillGrace. Polled, with a bound: there is no event for
+// "every member of a group is gone".
+func (s *session) reapGroup() {
+	if !s.p.GroupAlive() {
+		return
+	}
+	_ = s.p.Signal(syscall.SIGHUP)
+	_ = s.p.Signal(syscall.SIGCONT)
+	deadline := time.Now().Add(s.cfg.KillGrace)
+	for s.p.GroupAlive() {
+		if time.Now().After(deadline) {
+			_ = s.p.Signal(syscall.SIGKILL)
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// streamWriteError marks a failure to write to the stream (as opposed to
+// reading from the process).
+type streamWriteError struct{ err error }
+
+func (e *streamWriteError) Error() string { return "pty -> stream: " + e.err.Error() }
+func (e *streamWriteError) Unwrap() error { return e.err }
+
+// output copies the process's output to the stream until EOF (EIO), the
+// drain bound after exit, or an error.
+func (s *session) output() error {
+	buf := make([]byte, BufSize)
+	empty := 0
+	for {
+		n, err := readAvailable(s.p.master, buf)
+		if n > 0 {
+			empty = 0
+			s.touch()
+			if s.exited.Load() {
+				s.extendDrain()
+			}
+			_ = s.s.SetWriteDeadline(time.Now().Add(s.cfg.StallTimeout))
+			w, werr := s.s.Write(buf[:n])
+			s.bytesOut.Add(int64(w))
+			if s.firstOut.Load() == 0 && w > 0 {
+				s.firstOut.Store(int64(max(time.Since(s.start), 1)))
+			}
+			if werr != nil {
+				return &streamWriteError{werr}
+			}
+			s.touch()
+		}
+		switch {
+		case err == nil && n == 0:
+			s.empty.Add(1)
+			if empty++; empty > maxEmptyReads {
+				return errors.New("pty -> stream: no progress: repeated empty reads")
+			}
+		case err == nil:
+		case errors.Is(err, io.EOF), isClosed(err):
+			return nil
+		case isTimeout(err) && s.exited.Load():
+			// Output still queued (we were slow to come back from a write)
+			// is the exited process's and must go out, within the bound.
+			if queued(s.p.master, unix.TIOCINQ) > 0 && s.extendDrain() {
+				continue
+			}
+			return nil // quiet, or the drain bound is reached
+		default:
+			return fmt.Errorf("pty -> stream: read: %w", err)
+		}
+	}
+}
+
+// extendDrain moves the drain deadline to DrainQuiet from now, but never
+// past DrainTimeout after the exit; it reports false once that is past.
+func (s *session) extendDrain() bool {
+	limit := s.start.Add(time.Duration(s.exitedAt.Load()) + s.cfg.DrainTimeout)
+	now := time.Now()
+	_ = s.p.master.SetReadDeadline(earliest(now.Add(s.cfg.DrainQuiet), limit))
+	return now.Before(limit)
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
+// input copies the client's bytes to the process. At the end of the
+// client's stream (or 0x04 in pipes mode with EOFByte) it gives the
+// process EOF and, after that, discards what still comes so that the
+// client's own end is seen. It returns nil at the stream's orderly end and
+// the error otherwise.
+func (s *session) input() error {
+	buf := make([]byte, BufSize)
+	inputOpen := true
+	last := -1
+	empty := 0
+	closeInput := func() {
+		if inputOpen {
+			inputOpen = false
+			_ = s.p.CloseInput(last, s.cfg.DrainTimeout) // best effort: the process may be gone
+		}
+	}
+	for {
+		n, err := s.s.Read(buf)
+		if n > 0 {
+			empty = 0
+			s.touch()
+			s.bytesIn.Add(int64(n))
+			data := buf[:n]
+			eof := false
+			if s.cfg.EOFByte && !s.p.tty {
+				if i := bytes.IndexByte(data, 0x04); i >= 0 {
+					data, eof = data[:i], true
+				}
+			}
+			if inputOpen && len(data) > 0 {
+				if _, werr := s.p.input.Write(data); werr != nil {
+					// The process stopped reading for good (exited, closed
+					// stdin): keep reading the stream for the client's end.
+					inputOpen = false
+				} else {
+					last = int(data[len(data)-1])
+					s.touch()
+				}
+			}
+			if eof {
+				closeInput()
+			}
+		}
+		switch {
+		case err == nil && n == 0:
+			s.empty.Add(1)
+			if empty++; empty > maxEmptyReads {
+				return errors.New("stream -> pty: no progress: repeated empty reads")
+			}
+		case err == nil:
+		case errors.Is(err, io.EOF):
+			closeInput()
+			return nil
+		case isTimeout(err), isClosed(err):
+			return nil // linger over, or we closed the stream: not the client's doing
+		default:
+			return fmt.Errorf("stream -> pty: %w", err)
+		}
+	}
+}
+
+func isClosed(err error) bool { return errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) }
+
+// timer is a time.Timer that may be off (a negative duration).
+type timer struct{ t *time.Timer }
+
+func newTimer(d time.Duration) timer {
+	if d < 0 {
+		return timer{}
+	}
+	return timer{time.NewTimer(d)}
+}
+
+func (t timer) C() <-chan time.Time {
+	if t.t == nil {
+		return nil
+	}
+	return t.t.C
+}
+
+func (t timer) Reset(d time.Duration) {
+	if t.t != nil {
+		t.t.Reset(d)
+	}
+}
+
+func (t timer) Stop() {
+	if t.t != nil {
+		t.t.Stop()
+	}
+}
