@@ -193,4 +193,3 @@ func rawTerminal(io stdio) func() {
 		}
 	}
 }
-
