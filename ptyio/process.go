@@ -407,7 +407,14 @@ func (p *Process) CloseInput(lastByte int, settle time.Duration) error {
 		if terr != nil {
 			return fmt.Errorf("canonical mode for EOF: %w", terr)
 		}
-		lastByte = '\n'
+		// A read already blocked in non-canonical mode waits for VMIN bytes
+		// and would swallow the VEOF without ending: stop the group (which
+		// takes the read back), type VEOF, continue; the read restarts
+		// under canonical rules and returns 0, as after Ctrl-Z and fg.
+		resume := p.stop()
+		_, err := p.master.Write([]byte{tio.Cc[unix.VEOF]})
+		resume()
+		return err
 	}
 	eof := []byte{tio.Cc[unix.VEOF]}
 	if lastByte >= 0 && lastByte != '\n' && lastByte != '\r' {
@@ -415,6 +422,28 @@ func (p *Process) CloseInput(lastByte int, settle time.Duration) error {
 	}
 	_, err = p.master.Write(eof)
 	return err
+}
+
+// stop sends SIGSTOP to the group and waits (bounded) until the main
+// process is stopped; the returned func sends SIGCONT.
+func (p *Process) stop() (resume func()) {
+	if p.Signal(syscall.SIGSTOP) != nil {
+		return func() {}
+	}
+	resume = func() { _ = p.Signal(syscall.SIGCONT) }
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid))
+		if err != nil {
+			return resume
+		}
+		s := string(b)
+		if f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:]); len(f) > 0 && (f[0] == "T" || f[0] == "Z") {
+			return resume
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return resume
 }
 
 // waitInputRead waits, up to settle, until the process has read the input

@@ -505,9 +505,10 @@ func (r *Relay) splice(a, b *side, fp string) (ab, ba int64, err error) {
 			halfClose(dst)
 		} else {
 			err = fmt.Errorf("%s: %w", dir, err)
-			// Tear down both so the other direction does not wait forever.
-			abort(a, false)
-			abort(b, false)
+			// Tear down both, with resets: a peer that vanished must look
+			// vanished to the other side, not like an orderly end of input.
+			abort(a, true)
+			abort(b, true)
 		}
 		res <- result{n, err, dir}
 	}

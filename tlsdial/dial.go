@@ -45,6 +45,10 @@ type Config struct {
 	BackoffMax       time.Duration // longest pause; zero: DefaultBackoffMax
 	SlowHandshake    time.Duration // Timings.Slow threshold for connect+TLS; zero: DefaultSlowHandshake
 	KeepAlive        time.Duration // TCP keep-alive period; zero: DefaultKeepAlive, negative: off
+
+	// Control, when set, is called on each socket before it connects, to
+	// set options (buffer sizes, marks). See net.Dialer.Control.
+	Control func(network, address string, c syscall.RawConn) error
 }
 
 // DefaultConfig returns a Config with every field at its default.
@@ -229,7 +233,7 @@ func clientTLS(base *tls.Config, host string) *tls.Config {
 }
 
 func dialOnce(ctx context.Context, u URL, cfg Config, tcfg *tls.Config) (*Conn, error) {
-	d := net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: cfg.KeepAlive}
+	d := net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: cfg.KeepAlive, Control: cfg.Control}
 	t0 := time.Now()
 	raw, err := d.DialContext(ctx, "tcp", u.Addr())
 	if err != nil {

@@ -1,0 +1,174 @@
+package agent_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/rendezvous"
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+func TestMain(m *testing.M) { leakcheck.Main(m) }
+
+// harness is a real relay on loopback TLS that sessions and clients meet at.
+type harness struct {
+	relay *rendezvous.Relay
+	port  int
+	dial  tlsdial.Config
+	n     atomic.Int64
+}
+
+func newHarness(t *testing.T, r *rendezvous.Relay) *harness {
+	t.Helper()
+	if r == nil {
+		r = &rendezvous.Relay{}
+	}
+	if err := r.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Serve() }()
+	t.Cleanup(func() {
+		_ = r.Close()
+		if err := <-done; err != nil {
+			t.Errorf("relay Serve: %v", err)
+		}
+	})
+	return &harness{
+		relay: r,
+		port:  r.Addr().(*net.TCPAddr).Port,
+		dial:  tlsdial.Config{TLS: &tls.Config{RootCAs: r.Certs().CAPool}, DialTimeout: 10 * time.Second, PairTimeout: 30 * time.Second},
+	}
+}
+
+func (h *harness) url() tlsdial.URL {
+	return tlsdial.URL{Host: "127.0.0.1", Port: h.port, Secret: fmt.Sprintf("secret-%d-%d", os.Getpid(), h.n.Add(1))}
+}
+
+// session starts agent.Run for spec (URL and Dial filled in when empty)
+// and returns its URL and a channel with its result. The test waits for
+// the result before it ends.
+func (h *harness) session(t *testing.T, spec agent.Spec) (tlsdial.URL, <-chan agent.Result) {
+	t.Helper()
+	if spec.URL.Secret == "" {
+		spec.URL = h.url()
+	}
+	if spec.Dial.TLS == nil && !spec.Dial.Plain {
+		spec.Dial = h.dial
+	}
+	res := make(chan agent.Result, 1)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		res <- agent.Run(context.Background(), spec, slog.New(slog.DiscardHandler))
+	}()
+	t.Cleanup(wg.Wait)
+	return spec.URL, res
+}
+
+// client dials and pairs as the user's side.
+func (h *harness) client(t *testing.T, u tlsdial.URL) *tlsdial.Conn {
+	t.Helper()
+	c, err := tlsdial.Dial(context.Background(), u, h.dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Pair(context.Background(), u.Secret, 30*time.Second); err != nil {
+		_ = c.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second)) // watchdog for every read and write
+	return c
+}
+
+func wait(t *testing.T, res <-chan agent.Result, within time.Duration) agent.Result {
+	t.Helper()
+	select {
+	case r := <-res:
+		return r
+	case <-time.After(within):
+		t.Fatalf("session did not end within %v", within)
+		return agent.Result{}
+	}
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return b
+}
+
+// echo sends data and half-closes while it reads everything back.
+func echo(c *tlsdial.Conn, data []byte) ([]byte, error) {
+	werr := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		if err == nil {
+			err = c.CloseWrite()
+		}
+		werr <- err
+	}()
+	got, err := io.ReadAll(c)
+	if e := <-werr; e != nil && err == nil {
+		err = e
+	}
+	return got, err
+}
+
+func sum(b []byte) string { return fmt.Sprintf("%x", sha256.Sum256(b)) }
+
+func sh(script string) []string { return []string{"/bin/sh", "-c", script} }
+
+// gone reports whether pid has exited (or is a zombie nobody will reap).
+func gone(pid int) bool {
+	if err := syscall.Kill(pid, 0); err != nil {
+		return true
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
+}
+
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !gone(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d still running", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func stripMarker(b []byte) ([]byte, int, bool) {
+	var out bytes.Buffer
+	f := &rendezvous.StatusFilter{W: &out}
+	_, _ = f.Write(b)
+	_ = f.Flush()
+	return out.Bytes(), f.Status, f.Found
+}
+
+var _ = ptyio.ReasonExited

@@ -1,0 +1,258 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/rendezvous"
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+func TestMain(m *testing.M) { leakcheck.Main(m) }
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func runCLI(args ...string) (int, string, string) {
+	var out, errb syncBuf
+	code := run(context.Background(), args, stdio{strings.NewReader(""), &out, &errb})
+	return code, out.String(), errb.String()
+}
+
+// countingListener counts connections: bad input must dial nothing.
+func countingListener(t *testing.T) (string, *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			_ = c.Close()
+		}
+	}()
+	t.Cleanup(func() { _ = ln.Close(); wg.Wait() })
+	return ln.Addr().String(), &n
+}
+
+func TestBadInput(t *testing.T) {
+	addr, dials := countingListener(t)
+	url := "rendezvous://" + addr + "/secret"
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"attach", "http://" + addr + "/s", "--", "true"}, `scheme "http" is not supported`},
+		{[]string{"attach", "rendezvous://" + addr + "/", "--", "true"}, "empty secret"},
+		{[]string{"attach", url}, "missing COMMAND"},
+		{[]string{"attach", url, "--"}, "missing COMMAND"},
+		{[]string{"attach"}, "missing ATTACH_URL"},
+		{[]string{"attach", url, "true"}, "put -- between ATTACH_URL and COMMAND"},
+		{[]string{"attach", "--no-tty", "--raw", url, "--", "true"}, "--raw needs a pty"},
+		{[]string{"attach", "--binary-input", url, "--", "true"}, "--binary-input applies with --no-tty"},
+		{[]string{"attach", "--shell", url, "--", "echo", "hi"}, "--shell takes COMMAND as one string"},
+		{[]string{"attach", "--env", "NOEQUALS", url, "--", "true"}, `--env "NOEQUALS": want K=V`},
+		{[]string{"attach", "--env", "COLUMNS=wide", url, "--", "true"}, "want a number from 1 to 65535"},
+		{[]string{"attach", "--cols", "70000", url, "--", "true"}, "--cols 70000"},
+		{[]string{"attach", "--cert", "c.pem", url, "--", "true"}, "give both --cert and --key"},
+		{[]string{"attach", "--plain", "--ca", "x.pem", url, "--", "true"}, "--plain conflicts with --ca"},
+		{[]string{"attach", "--ca", "/nonexistent/ca.pem", url, "--", "true"}, "ca bundle"},
+		{[]string{"attach", "--dial-timeout", "-1s", url, "--", "true"}, "dial timeout is negative"},
+		{[]string{"attach", "--stall-timeout", "-1s", url, "--", "true"}, "stall timeout is negative"},
+		{[]string{"attach", "--bogus", url, "--", "true"}, "flag provided but not defined: -bogus"},
+		{[]string{"connect"}, "want exactly one ATTACH_URL"},
+		{[]string{"connect", "rendezvous://h:99999/s"}, `bad port "99999"`},
+		{[]string{"rendezvous"}, "say how to serve"},
+		{[]string{"rendezvous", "--plain", "--self-signed-ca-out", "x"}, "exclude each other"},
+		{[]string{"nosuch"}, `unknown command "nosuch"`},
+	} {
+		code, _, stderr := runCLI(tc.args...)
+		if code != exitUsage || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%q: exit %d, stderr %q; want 2 and %q", tc.args, code, stderr, tc.want)
+		}
+	}
+	if n := dials.Load(); n != 0 {
+		t.Fatalf("bad input dialed the relay %d times", n)
+	}
+}
+
+func TestHelpExitsZero(t *testing.T) {
+	for _, c := range []string{"attach", "demo", "rendezvous", "connect", "version"} {
+		code, _, stderr := runCLI(c, "-h")
+		if code != 0 || !strings.Contains(stderr, "Example:") {
+			t.Errorf("%s -h: exit %d, %q", c, code, stderr)
+		}
+	}
+}
+
+// testRelay runs a relay and writes its CA for --ca.
+func testRelay(t *testing.T) (port int, caFile string, pool *tls.Config) {
+	t.Helper()
+	r := &rendezvous.Relay{}
+	if err := r.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.Serve() }()
+	t.Cleanup(func() { _ = r.Close(); <-done })
+	caFile = filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, r.CAPEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return r.Addr().(*net.TCPAddr).Port, caFile, &tls.Config{RootCAs: r.Certs().CAPool}
+}
+
+var secretN atomic.Int64
+
+// attachWithClient runs `attach ARGS URL -- CMD` against a relay with our
+// client on the other side, and returns attach's exit code and stderr and
+// what the client saw.
+func attachWithClient(t *testing.T, flags []string, cmd ...string) (int, string, string, rendezvous.Result) {
+	t.Helper()
+	port, ca, tcfg := testRelay(t)
+	u := tlsdial.URL{Host: "127.0.0.1", Port: port, Secret: fmt.Sprintf("cli-%d", secretN.Add(1))}
+	args := append([]string{"attach", "--ca", ca}, flags...)
+	args = append(args, "rendezvous://127.0.0.1:"+strconv.Itoa(port)+"/"+u.Secret, "--")
+	args = append(args, cmd...)
+	type out struct {
+		code   int
+		stderr string
+	}
+	done := make(chan out, 1)
+	go func() {
+		code, _, stderr := runCLI(args...)
+		done <- out{code, stderr}
+	}()
+	var seen bytes.Buffer
+	cl := &rendezvous.Client{URL: u, Dial: tlsdial.Config{TLS: tcfg, DialTimeout: 10 * time.Second, PairTimeout: 20 * time.Second}, Stdout: &seen}
+	res, err := cl.Run(context.Background())
+	if err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	select {
+	case o := <-done:
+		return o.code, o.stderr, seen.String(), res
+	case <-time.After(30 * time.Second):
+		t.Fatal("attach did not exit")
+	}
+	return 0, "", "", res
+}
+
+func TestAttachExitCodes(t *testing.T) {
+	dir := t.TempDir()
+	notExec := filepath.Join(dir, "plain-file")
+	if err := os.WriteFile(notExec, []byte("echo\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		cmd        []string
+		code       int
+		clientLine string
+	}{
+		{[]string{"true"}, 0, ""},
+		{[]string{"sh", "-c", "exit 7"}, 7, ""},
+		{[]string{"sh", "-c", "kill -9 $$"}, 128 + 9, ""},
+		{[]string{notExec}, 126, "attach-agent: " + notExec + ": not executable"},
+		{[]string{"no-such-command-xyz"}, 127, "attach-agent: no-such-command-xyz: command not found"},
+	} {
+		code, stderr, seen, res := attachWithClient(t, []string{"--exit-status-marker"}, tc.cmd...)
+		if code != tc.code {
+			t.Errorf("%q: attach exit %d, want %d (stderr %q)", tc.cmd, code, tc.code, stderr)
+		}
+		if !res.Found || res.Status != tc.code {
+			t.Errorf("%q: client saw status %d (found %v), want %d", tc.cmd, res.Status, res.Found, tc.code)
+		}
+		if tc.clientLine != "" && !strings.Contains(seen, tc.clientLine) {
+			t.Errorf("%q: client saw %q, want %q", tc.cmd, seen, tc.clientLine)
+		}
+		if tc.clientLine != "" && !strings.Contains(stderr, "spawn_failed") {
+			t.Errorf("%q: stderr %q should give the reason", tc.cmd, stderr)
+		}
+	}
+}
+
+func TestAttachAgentFailuresExit125(t *testing.T) {
+	ran := filepath.Join(t.TempDir(), "ran")
+	t.Run("relay down", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		_ = ln.Close()
+		code, _, stderr := runCLI("attach", "--dial-timeout", "1s", "rendezvous://"+addr+"/s", "--", "touch", ran)
+		if code != exitAgentErr || !strings.Contains(stderr, "dial relay "+addr) || !strings.Contains(stderr, "dial_failed") {
+			t.Fatalf("exit %d, stderr %q; want 125 naming the relay", code, stderr)
+		}
+	})
+	t.Run("nobody pairs", func(t *testing.T) {
+		port, ca, _ := testRelay(t)
+		code, _, stderr := runCLI("attach", "--ca", ca, "--pair-timeout", "300ms",
+			"rendezvous://127.0.0.1:"+strconv.Itoa(port)+"/lonely", "--", "touch", ran)
+		if code != exitAgentErr || !strings.Contains(stderr, "pair_timeout") {
+			t.Fatalf("exit %d, stderr %q; want 125 with pair_timeout", code, stderr)
+		}
+		if strings.Contains(stderr, "lonely") {
+			t.Fatalf("stderr shows the secret: %q", stderr)
+		}
+	})
+	t.Run("wrong CA", func(t *testing.T) {
+		port, _, _ := testRelay(t)
+		_, otherCA, _ := testRelay(t)
+		t0 := time.Now()
+		code, _, stderr := runCLI("attach", "--ca", otherCA, "rendezvous://127.0.0.1:"+strconv.Itoa(port)+"/s", "--", "touch", ran)
+		if code != exitAgentErr || !strings.Contains(stderr, "unknown authority") {
+			t.Fatalf("exit %d, stderr %q; want 125 for the certificate", code, stderr)
+		}
+		if time.Since(t0) > 5*time.Second {
+			t.Fatalf("wrong CA took %v, want at once", time.Since(t0))
+		}
+	})
+	if _, err := os.Stat(ran); err == nil {
+		t.Fatal("the command ran although the session never paired")
+	}
+}
+
+func TestDemoRunsACommand(t *testing.T) {
+	var out, errb syncBuf
+	code := run(context.Background(), []string{"demo", "--no-tty", "--", "sh", "-c", "cat; echo bye; exit 5"},
+		stdio{strings.NewReader("through the relay\n"), &out, &errb})
+	if code != 5 || out.String() != "through the relay\nbye\n" {
+		t.Fatalf("demo: exit %d, out %q, stderr %q", code, out.String(), errb.String())
+	}
+}
