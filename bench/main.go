@@ -1,0 +1,445 @@
+// Command bench measures attach-agent against a minimal reference agent and
+// against the pty's own limits, all in one run on loopback, and prints a
+// table of figures and ratios (docs/BENCHMARKS.md says how to read it).
+//
+//	go run ./bench                 # everything, default sizes
+//	go run ./bench -download 64    # smaller download (MiB)
+//
+// The agents run as child processes (this binary re-executed), so their
+// CPU time and peak RSS are theirs alone; the relay and the client run here.
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/term"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/rendezvous"
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+func main() {
+	if len(os.Args) > 1 && (os.Args[1] == "agent" || os.Args[1] == "ref") {
+		os.Exit(child(os.Args[1], os.Args[2:]))
+	}
+	downloadMiB := flag.Int("download", 256, "MiB the command writes in the download test")
+	echoMiB := flag.Int("echo", 64, "MiB echoed through cat in the echo-bulk test")
+	trips := flag.Int("trips", 2000, "one-byte round trips in the latency test")
+	setups := flag.Int("setups", 20, "sessions in the setup test")
+	flag.Parse()
+	if err := bench(*downloadMiB, *echoMiB, *trips, *setups); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type env struct {
+	relay  *rendezvous.Relay
+	caFile string
+	dial   tlsdial.Config
+	n      int
+}
+
+func (e *env) url() tlsdial.URL {
+	e.n++
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return tlsdial.URL{Host: "127.0.0.1", Port: e.relay.Addr().(*net.TCPAddr).Port, Secret: hex.EncodeToString(b)}
+}
+
+func bench(downloadMiB, echoMiB, trips, setups int) error {
+	e := &env{relay: &rendezvous.Relay{}}
+	if err := e.relay.Listen("tcp", "127.0.0.1:0"); err != nil {
+		return err
+	}
+	go func() { _ = e.relay.Serve() }()
+	defer e.relay.Close()
+	dir, err := os.MkdirTemp("", "attach-bench")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	e.caFile = dir + "/ca.pem"
+	if err := os.WriteFile(e.caFile, e.relay.CAPEM(), 0o600); err != nil {
+		return err
+	}
+	e.dial = tlsdial.Config{TLS: &tls.Config{RootCAs: e.relay.Certs().CAPool}, DialTimeout: 10 * time.Second, PairTimeout: 30 * time.Second}
+
+	size := int64(downloadMiB) << 20
+	dlCmd := fmt.Sprintf("head -c %d /dev/zero", size)
+	fmt.Printf("attach-agent benchmarks (%s)\n\n", time.Now().UTC().Format(time.RFC3339))
+
+	// Download.
+	cpu0 := selfCPU()
+	ptyLimit, err := ptyOneWay(size)
+	if err != nil {
+		return err
+	}
+	ptyReaderCPU := selfCPU() - cpu0
+	var dl [2]download
+	for i, mode := range []string{"agent", "ref"} {
+		if dl[i], err = e.download(mode, dlCmd, size); err != nil {
+			return fmt.Errorf("download %s: %w", mode, err)
+		}
+	}
+	fmt.Printf("download (%d MiB into a raw pty, MiB/s at the client)\n", downloadMiB)
+	fmt.Printf("  pty one-way limit (no network)   %8.1f\n", ptyLimit)
+	fmt.Printf("  reference agent                  %8.1f\n", dl[1].mibps)
+	fmt.Printf("  attach-agent                     %8.1f   %.2fx reference (target >= 1.30), %.2fx pty limit (target >= 0.85)\n\n",
+		dl[0].mibps, dl[0].mibps/dl[1].mibps, dl[0].mibps/ptyLimit)
+
+	fmt.Printf("cost (agent process, per 256 MiB downloaded)\n")
+	per := func(d download) float64 { return d.cpu.Seconds() * float64(256<<20) / float64(size) }
+	fmt.Printf("  bare pty reader (no network)     %8.3f CPU s\n", ptyReaderCPU.Seconds()*float64(256<<20)/float64(size))
+	fmt.Printf("  reference agent                  %8.3f CPU s   peak RSS %6.1f MiB\n", per(dl[1]), float64(dl[1].rssKiB)/1024)
+	fmt.Printf("  attach-agent                     %8.3f CPU s   peak RSS %6.1f MiB   %.2fx reference CPU (target <= 0.65)\n\n",
+		per(dl[0]), float64(dl[0].rssKiB)/1024, per(dl[0])/per(dl[1]))
+
+	// Echo bulk.
+	echoSize := int64(echoMiB) << 20
+	ptyEcho, err := ptyEchoLimit(echoSize)
+	if err != nil {
+		return err
+	}
+	var ec [2]float64
+	for i, mode := range []string{"agent", "ref"} {
+		if ec[i], err = e.echoBulk(mode, echoSize); err != nil {
+			return fmt.Errorf("echo %s: %w", mode, err)
+		}
+	}
+	fmt.Printf("echo-bulk (%d MiB random through cat on a raw pty, sha256 checked, MiB/s)\n", echoMiB)
+	fmt.Printf("  pty echo limit (no network)      %8.1f\n", ptyEcho)
+	fmt.Printf("  reference agent                  %8.1f\n", ec[1])
+	fmt.Printf("  attach-agent                     %8.1f   %.2fx pty echo limit (target >= 0.90)\n\n", ec[0], ec[0]/ptyEcho)
+
+	// Latency.
+	var lat [2][2]time.Duration
+	for i, mode := range []string{"agent", "ref"} {
+		p50, p99, err := e.latency(mode, trips)
+		if err != nil {
+			return fmt.Errorf("latency %s: %w", mode, err)
+		}
+		lat[i] = [2]time.Duration{p50, p99}
+	}
+	fmt.Printf("latency (%d one-byte round trips through cat, raw pty)\n", trips)
+	fmt.Printf("  reference agent                  p50 %8v   p99 %8v\n", lat[1][0], lat[1][1])
+	fmt.Printf("  attach-agent                     p50 %8v   p99 %8v   %.2fx / %.2fx reference (target <= 1)\n\n",
+		lat[0][0], lat[0][1], float64(lat[0][0])/float64(lat[1][0]), float64(lat[0][1])/float64(lat[1][1]))
+
+	// Setup.
+	var st [2]time.Duration
+	for i, mode := range []string{"agent", "ref"} {
+		if st[i], err = e.setup(mode, setups); err != nil {
+			return fmt.Errorf("setup %s: %w", mode, err)
+		}
+	}
+	fmt.Printf("setup (agent process start to first output byte at a waiting client, median of %d)\n", setups)
+	fmt.Printf("  reference agent                  %8v\n", st[1])
+	fmt.Printf("  attach-agent                     %8v   %.2fx reference (target <= 1)\n", st[0], float64(st[0])/float64(st[1]))
+	return nil
+}
+
+// startAgent runs this binary as an agent (ours or the reference) for u.
+func (e *env) startAgent(mode string, u tlsdial.URL, command string) (*exec.Cmd, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, mode, e.caFile, strconv.Itoa(u.Port), u.Secret, command)
+	cmd.Stderr = os.Stderr
+	return cmd, cmd.Start()
+}
+
+// client pairs as the user's side.
+func (e *env) client(u tlsdial.URL) (*tlsdial.Conn, error) {
+	c, err := tlsdial.Dial(context.Background(), u, e.dial)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Pair(context.Background(), u.Secret, 30*time.Second); err != nil {
+		_ = c.Close()
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Minute))
+	return c, nil
+}
+
+type download struct {
+	mibps  float64
+	cpu    time.Duration
+	rssKiB int64
+}
+
+func (e *env) download(mode, command string, size int64) (download, error) {
+	u := e.url()
+	cmd, err := e.startAgent(mode, u, command)
+	if err != nil {
+		return download{}, err
+	}
+	c, err := e.client(u)
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return download{}, err
+	}
+	defer c.Close()
+	t0 := time.Now()
+	n, err := io.Copy(io.Discard, c)
+	el := time.Since(t0)
+	_ = c.Close()
+	werr := cmd.Wait()
+	if err != nil || n != size {
+		return download{}, fmt.Errorf("got %d of %d bytes: %v (agent: %v)", n, size, err, werr)
+	}
+	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	return download{
+		mibps:  float64(size) / (1 << 20) / el.Seconds(),
+		cpu:    time.Duration(ru.Utime.Nano() + ru.Stime.Nano()),
+		rssKiB: ru.Maxrss,
+	}, nil
+}
+
+func (e *env) echoBulk(mode string, size int64) (float64, error) {
+	u := e.url()
+	cmd, err := e.startAgent(mode, u, "cat")
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	c, err := e.client(u)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	t0 := time.Now()
+	go func() { _, _ = c.Write(data) }()
+	h := sha256.New()
+	if _, err := io.CopyN(h, c, size); err != nil {
+		return 0, fmt.Errorf("echo stalled or broke: %w", err)
+	}
+	el := time.Since(t0)
+	want := sha256.Sum256(data)
+	if !bytes.Equal(h.Sum(nil), want[:]) {
+		return 0, fmt.Errorf("echo differs (sha256)")
+	}
+	return float64(size) / (1 << 20) / el.Seconds(), nil
+}
+
+func (e *env) latency(mode string, trips int) (p50, p99 time.Duration, err error) {
+	u := e.url()
+	cmd, err := e.startAgent(mode, u, "cat")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	c, err := e.client(u)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	d := make([]time.Duration, 0, trips)
+	b := []byte{'x'}
+	for range trips {
+		t0 := time.Now()
+		if _, err := c.Write(b); err != nil {
+			return 0, 0, err
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			return 0, 0, err
+		}
+		d = append(d, time.Since(t0))
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return d[len(d)/2], d[len(d)*99/100], nil
+}
+
+func (e *env) setup(mode string, n int) (time.Duration, error) {
+	var d []time.Duration
+	for range n {
+		u := e.url()
+		// The client is already waiting at the relay when the agent starts.
+		cc := make(chan *tlsdial.Conn, 1)
+		ce := make(chan error, 1)
+		go func() {
+			c, err := e.client(u)
+			if err != nil {
+				ce <- err
+				return
+			}
+			cc <- c
+		}()
+		for e.relay.Waiting() == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		t0 := time.Now()
+		cmd, err := e.startAgent(mode, u, "echo x")
+		if err != nil {
+			return 0, err
+		}
+		var c *tlsdial.Conn
+		select {
+		case c = <-cc:
+		case err := <-ce:
+			return 0, err
+		}
+		b := make([]byte, 1)
+		_, err = io.ReadFull(c, b)
+		el := time.Since(t0)
+		_ = c.Close()
+		_ = cmd.Wait()
+		if err != nil {
+			return 0, err
+		}
+		d = append(d, el)
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return d[len(d)/2], nil
+}
+
+// ptyOneWay is the pty's own one-way limit: read the master as fast as
+// possible while head writes the slave.
+func ptyOneWay(size int64) (float64, error) {
+	cmd := exec.Command("head", "-c", strconv.FormatInt(size, 10), "/dev/zero")
+	f, err := startRawPTY(cmd)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	t0 := time.Now()
+	n, _ := io.CopyBuffer(io.Discard, onlyReader{f}, make([]byte, 32<<10)) // ends in EIO
+	el := time.Since(t0)
+	_ = cmd.Wait()
+	if n != size {
+		return 0, fmt.Errorf("pty limit: read %d of %d", n, size)
+	}
+	return float64(size) / (1 << 20) / el.Seconds(), nil
+}
+
+// ptyEchoLimit is cat on a raw pty with no network: write and read back.
+func ptyEchoLimit(size int64) (float64, error) {
+	cmd := exec.Command("cat")
+	f, err := startRawPTY(cmd)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); _ = f.Close() }()
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	t0 := time.Now()
+	go func() { _, _ = f.Write(data) }()
+	if _, err := io.CopyN(io.Discard, onlyReader{f}, size); err != nil {
+		return 0, err
+	}
+	return float64(size) / (1 << 20) / time.Since(t0).Seconds(), nil
+}
+
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+type onlyReader struct{ r io.Reader }
+
+func (o onlyReader) Read(p []byte) (int, error) { return o.r.Read(p) }
+
+func startRawPTY(cmd *exec.Cmd) (*os.File, error) {
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := term.MakeRaw(int(tty.Fd())); err != nil {
+		return nil, err
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	_ = tty.Close()
+	return ptmx, nil
+}
+
+// child runs one agent session: "agent" is attach-agent's own Session,
+// "ref" the minimal reference (TLS dial, secret, ack, pty.Start, two
+// io.Copy). Arguments: CA file, relay port, secret, shell command.
+func child(mode string, args []string) int {
+	if len(args) != 4 {
+		fmt.Fprintln(os.Stderr, "usage: bench agent|ref CA PORT SECRET COMMAND")
+		return 2
+	}
+	port, _ := strconv.Atoi(args[1])
+	u := tlsdial.URL{Host: "127.0.0.1", Port: port, Secret: args[2]}
+	tcfg, err := tlsdial.LoadTLS(args[0], "", "")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	argv := []string{"/bin/sh", "-c", args[3]}
+	if mode == "agent" {
+		res := agent.Run(context.Background(), agent.Spec{
+			URL: u, Dial: tlsdial.Config{TLS: tcfg},
+			Process: ptyio.Spec{Argv: argv, TTY: true, Raw: true},
+		}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if res.Reason != ptyio.ReasonExited && res.Reason != ptyio.ReasonClientGone {
+			fmt.Fprintln(os.Stderr, "agent:", res)
+			return 1
+		}
+		return 0
+	}
+	return reference(u, tcfg, argv)
+}
+
+// reference is the minimal agent the issue compares against.
+func reference(u tlsdial.URL, tcfg *tls.Config, argv []string) int {
+	tcfg.ServerName = u.Host
+	conn, err := tls.Dial("tcp", u.Addr(), tcfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "ref:", err)
+		return 1
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, u.Secret+"\r\n"); err != nil {
+		return 1
+	}
+	var line []byte
+	b := make([]byte, 1)
+	for !strings.HasSuffix(string(line), "\n") {
+		if _, err := conn.Read(b); err != nil {
+			return 1
+		}
+		line = append(line, b[0])
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	ptmx, err := pty.Start(cmd)
+	if err != nil {
+		return 1
+	}
+	_, _ = term.MakeRaw(int(ptmx.Fd())) // termios on the master applies to the slave
+	go func() { _, _ = io.Copy(ptmx, conn) }()
+	_, _ = io.Copy(conn, ptmx)
+	_ = cmd.Wait()
+	return 0
+}
