@@ -15,11 +15,7 @@ import (
 // 4 KiB at most). Bigger chunks mean fewer TLS records and syscalls on the
 // other side. EIO from a pty master, which Linux returns once every holder
 // of the slave has gone, is io.EOF.
-func readAvailable(f *os.File, buf []byte) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
+func readAvailable(rc syscall.RawConn, buf []byte) (int, error) {
 	n := 0
 	var rerr error
 	cerr := rc.Read(func(fd uintptr) bool {
@@ -28,6 +24,9 @@ func readAvailable(f *os.File, buf []byte) (int, error) {
 			switch {
 			case m > 0:
 				n += m
+				if m < smallRead {
+					return true // the queue is surely empty: skip the EAGAIN read (latency)
+				}
 			case e == unix.EINTR:
 			case e == unix.EAGAIN:
 				return n > 0 // nothing yet: let the poller wait
@@ -46,6 +45,9 @@ func readAvailable(f *os.File, buf []byte) (int, error) {
 	}
 	return n, rerr
 }
+
+// smallRead: a read this short drained what the pty had.
+const smallRead = 512
 
 // queued reports bytes waiting in a kernel queue of fd: FIONREAD (unread
 // input) or TIOCOUTQ/SIOCOUTQ (unsent output). Errors read as zero.

@@ -54,8 +54,12 @@ func TestMasterEIOIsEOF(t *testing.T) {
 	buf := make([]byte, 64)
 	var got []byte
 	_ = p.master.SetReadDeadline(time.Now().Add(10 * time.Second)) // watchdog
+	rc, err := p.master.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for {
-		n, err := readAvailable(p.master, buf)
+		n, err := readAvailable(rc, buf)
 		got = append(got, buf[:n]...)
 		if err != nil {
 			if !errors.Is(err, io.EOF) {

@@ -364,15 +364,21 @@ func (e *streamWriteError) Unwrap() error { return e.err }
 // drain bound after exit, or an error.
 func (s *session) output() error {
 	buf := make([]byte, BufSize)
+	rc, err := s.p.master.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("pty -> stream: %w", err)
+	}
 	empty := 0
 	for {
-		n, err := readAvailable(s.p.master, buf)
+		n, err := readAvailable(rc, buf)
 		if n > 0 {
 			empty = 0
 			s.touch()
 			if s.exited.Load() {
 				s.extendDrain()
 			}
+			// The stall bound is per write: a write that makes no
+			// progress for StallTimeout fails with a deadline error.
 			_ = s.s.SetWriteDeadline(time.Now().Add(s.cfg.StallTimeout))
 			w, werr := s.s.Write(buf[:n])
 			s.bytesOut.Add(int64(w))
