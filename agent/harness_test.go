@@ -5,11 +5,9 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"strings"
 	"sync"
@@ -20,6 +18,7 @@ import (
 
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -37,25 +36,8 @@ type harness struct {
 
 func newHarness(t *testing.T, r *rendezvous.Relay) *harness {
 	t.Helper()
-	if r == nil {
-		r = &rendezvous.Relay{}
-	}
-	if err := r.Listen("tcp", "127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- r.Serve() }()
-	t.Cleanup(func() {
-		_ = r.Close()
-		if err := <-done; err != nil {
-			t.Errorf("relay Serve: %v", err)
-		}
-	})
-	return &harness{
-		relay: r,
-		port:  r.Addr().(*net.TCPAddr).Port,
-		dial:  tlsdial.Config{TLS: &tls.Config{RootCAs: r.Certs().CAPool}, DialTimeout: 10 * time.Second, PairTimeout: 30 * time.Second},
-	}
+	e := relaytest.Start(t, r)
+	return &harness{relay: e.Relay, port: e.Port, dial: e.Dial}
 }
 
 func (h *harness) url() tlsdial.URL {

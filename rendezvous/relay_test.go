@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -31,24 +32,8 @@ type env struct {
 // start runs r on loopback until the test ends.
 func start(t *testing.T, r *rendezvous.Relay) *env {
 	t.Helper()
-	if err := r.Listen("tcp", "127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- r.Serve() }()
-	t.Cleanup(func() {
-		_ = r.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
-	a := r.Addr().(*net.TCPAddr)
-	e := &env{relay: r, url: tlsdial.URL{Host: "127.0.0.1", Port: a.Port, Secret: "s3cret"}}
-	e.dial = tlsdial.Config{Plain: r.Plain, DialTimeout: 10 * time.Second, PairTimeout: 20 * time.Second}
-	if c := r.Certs(); c != nil {
-		e.dial.TLS = &tls.Config{RootCAs: c.CAPool}
-	}
-	return e
+	e := relaytest.Start(t, r)
+	return &env{relay: e.Relay, url: e.URL("s3cret"), dial: e.Dial}
 }
 
 // pairBoth dials two sides with the same secret and pairs them.

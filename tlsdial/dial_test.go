@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -148,22 +149,8 @@ func TestPairTimeoutAndCancel(t *testing.T) {
 
 func startRelay(t *testing.T, r *rendezvous.Relay) (tlsdial.URL, *tls.Config) {
 	t.Helper()
-	if err := r.Listen("tcp", "127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- r.Serve() }()
-	t.Cleanup(func() {
-		_ = r.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
-	var tcfg *tls.Config
-	if c := r.Certs(); c != nil {
-		tcfg = &tls.Config{RootCAs: c.CAPool}
-	}
-	return urlFor(t, r.Addr(), "s3cret"), tcfg
+	e := relaytest.Start(t, r)
+	return e.URL("s3cret"), e.TLS
 }
 
 // freePort returns a loopback port nothing listens on (yet).

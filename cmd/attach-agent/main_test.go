@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -123,18 +124,8 @@ func TestHelpExitsZero(t *testing.T) {
 // testRelay runs a relay and writes its CA for --ca.
 func testRelay(t *testing.T) (port int, caFile string, pool *tls.Config) {
 	t.Helper()
-	r := &rendezvous.Relay{}
-	if err := r.Listen("tcp", "127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- r.Serve() }()
-	t.Cleanup(func() { _ = r.Close(); <-done })
-	caFile = filepath.Join(t.TempDir(), "ca.pem")
-	if err := os.WriteFile(caFile, r.CAPEM(), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return r.Addr().(*net.TCPAddr).Port, caFile, &tls.Config{RootCAs: r.Certs().CAPool}
+	e := relaytest.Start(t, nil)
+	return e.Port, e.CAFile(t), e.TLS
 }
 
 var secretN atomic.Int64
