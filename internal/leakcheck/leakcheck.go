@@ -1,6 +1,8 @@
 // Package leakcheck fails a test binary whose goroutines outlive its tests.
-// It counts goroutines, which is crude but has no dependencies and catches
-// the leaks that matter here: a pump or relay goroutine that never ends.
+// A leak is a goroutine with a frame of this module's code in its stack
+// after every test has returned (a pump, relay or session goroutine that
+// never ended); goroutines of the runtime and the testing package are not
+// counted, so it neither misses ours nor blames theirs.
 package leakcheck
 
 import (
@@ -12,14 +14,15 @@ import (
 	"time"
 )
 
-// Main runs the tests, then waits up to 10 s for the goroutine count to
-// return to what it was before them; if it does not, it prints the stacks
-// of the goroutines that remain and exits 1. Use it as TestMain's body.
+const module = "github.com/attach-agent/attach-agent/"
+
+// Main runs the tests, then waits up to 10 s for this module's goroutines
+// to end; if some do not, it prints their stacks and exits 1. Use it as
+// TestMain's body.
 func Main(m *testing.M) {
-	before := runtime.NumGoroutine()
 	code := m.Run()
 	if code == 0 {
-		if err := Wait(before, 10*time.Second); err != nil {
+		if err := Wait(10 * time.Second); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			code = 1
 		}
@@ -27,20 +30,37 @@ func Main(m *testing.M) {
 	os.Exit(code)
 }
 
-// Wait polls until at most n goroutines run, or fails after timeout with a
-// dump of those still running.
-func Wait(n int, timeout time.Duration) error {
+// Wait polls until no goroutine runs this module's code (but the caller),
+// or fails after timeout with the stacks of those still running.
+func Wait(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		if runtime.NumGoroutine() <= n {
+		left := leaked()
+		if len(left) == 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<20)
-			buf = buf[:runtime.Stack(buf, true)]
-			return fmt.Errorf("leakcheck: %d goroutines still running after the tests, %d before:\n%s",
-				runtime.NumGoroutine(), n, strings.TrimSpace(string(buf)))
+			return fmt.Errorf("leakcheck: %d goroutines outlived the tests:\n\n%s", len(left), strings.Join(left, "\n\n"))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+func leaked() []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, module) && !strings.Contains(g, module+"internal/leakcheck.") {
+			out = append(out, g)
+		}
+	}
+	return out
 }
