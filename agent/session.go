@@ -107,6 +107,10 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 
 	conn, err := tlsdial.Dial(ctx, spec.URL, spec.Dial)
 	if err != nil {
+		var de *tlsdial.DialError
+		if errors.As(err, &de) {
+			res.Timings.Attempts = de.Attempts
+		}
 		return fail(ReasonDialFailed, err)
 	}
 	defer func() { _ = conn.Close() }() // best effort: ptyio closes it too

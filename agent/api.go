@@ -1,0 +1,110 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// MaxRequestBody bounds a control API request body.
+const MaxRequestBody = 1 << 20
+
+// maxWait bounds ?wait= on GET /v1/sessions/{id}.
+const maxWait = 10 * time.Minute
+
+// NewAPI serves the control API (docs/API.md) over m.
+func NewAPI(m *Manager) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBody)
+		dec := json.NewDecoder(r.Body)
+		dec.DisallowUnknownFields()
+		var req Request
+		if err := dec.Decode(&req); err != nil {
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				apiError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body over %d bytes", MaxRequestBody))
+				return
+			}
+			apiError(w, http.StatusBadRequest, "bad JSON: "+strings.TrimPrefix(err.Error(), "json: "))
+			return
+		}
+		if dec.More() {
+			apiError(w, http.StatusBadRequest, "bad JSON: more than one object in the body")
+			return
+		}
+		v, err := m.Create(req)
+		var re *RequestError
+		switch {
+		case errors.As(err, &re):
+			apiError(w, http.StatusBadRequest, re.Error())
+		case errors.Is(err, ErrFull):
+			apiError(w, http.StatusTooManyRequests, err.Error())
+		case errors.Is(err, ErrShuttingDown):
+			apiError(w, http.StatusServiceUnavailable, err.Error())
+		case err != nil:
+			apiError(w, http.StatusInternalServerError, err.Error())
+		default:
+			w.Header().Set("Location", "/v1/sessions/"+v.ID)
+			writeJSON(w, http.StatusCreated, v)
+		}
+	})
+	mux.HandleFunc("GET /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"sessions": m.List()})
+	})
+	mux.HandleFunc("GET /v1/sessions/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		var v View
+		var ok bool
+		if ws := r.URL.Query().Get("wait"); ws != "" {
+			d, err := time.ParseDuration(ws)
+			if err != nil || d < 0 || d > maxWait {
+				apiError(w, http.StatusBadRequest, fmt.Sprintf("wait: %q is not a duration from 0 to %v", ws, maxWait))
+				return
+			}
+			ctx, cancel := context.WithTimeout(r.Context(), d)
+			v, ok = m.Wait(ctx, id)
+			cancel()
+		} else {
+			v, ok = m.Get(id)
+		}
+		if !ok {
+			apiError(w, http.StatusNotFound, "no session "+id)
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	})
+	mux.HandleFunc("DELETE /v1/sessions/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		if !m.Kill(id) {
+			apiError(w, http.StatusNotFound, "no session "+id)
+			return
+		}
+		v, _ := m.Get(id)
+		writeJSON(w, http.StatusAccepted, v)
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if m.Closing() {
+			apiError(w, http.StatusServiceUnavailable, ErrShuttingDown.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "active": m.Active()})
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v) // best effort: the client may be gone
+}
+
+func apiError(w http.ResponseWriter, code int, msg string) {
+	writeJSON(w, code, map[string]string{"error": msg})
+}

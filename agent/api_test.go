@@ -1,0 +1,322 @@
+package agent_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
+	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+type daemon struct {
+	env     *relaytest.Env
+	mgr     *agent.Manager
+	reg     *prometheus.Registry
+	metrics *agent.Metrics
+	srv     *httptest.Server
+	logs    *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func newDaemon(t *testing.T, cfg agent.ManagerConfig) *daemon {
+	t.Helper()
+	d := &daemon{env: relaytest.Start(t, nil), reg: prometheus.NewRegistry(), logs: &syncBuffer{}}
+	cfg.Dial = d.env.Dial
+	d.metrics = agent.NewMetrics(d.reg)
+	cfg.Metrics = d.metrics
+	cfg.Logger = slog.New(slog.NewJSONHandler(d.logs, nil))
+	d.mgr = agent.NewManager(cfg)
+	d.srv = httptest.NewServer(agent.NewAPI(d.mgr))
+	t.Cleanup(func() {
+		d.srv.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 0)
+		defer cancel()
+		d.mgr.Shutdown(ctx)
+	})
+	return d
+}
+
+func (d *daemon) do(t *testing.T, method, path, body string) (int, map[string]any) {
+	t.Helper()
+	req, err := http.NewRequest(method, d.srv.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	b, _ := io.ReadAll(resp.Body)
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatalf("%s %s: body %q is not JSON: %v", method, path, b, err)
+	}
+	return resp.StatusCode, out
+}
+
+func (d *daemon) post(t *testing.T, secret, extra string) string {
+	t.Helper()
+	u := d.env.URL(secret)
+	body := fmt.Sprintf(`{"attach_url": %q, %s}`, "rendezvous://"+u.Addr()+"/"+secret, extra)
+	code, v := d.do(t, "POST", "/v1/sessions", body)
+	if code != http.StatusCreated {
+		t.Fatalf("POST: %d %v", code, v)
+	}
+	return v["id"].(string)
+}
+
+func (d *daemon) attach(t *testing.T, secret string) *tlsdial.Conn {
+	t.Helper()
+	u := d.env.URL(secret)
+	c, err := tlsdial.Dial(context.Background(), u, d.env.Dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Pair(context.Background(), secret, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+	return c
+}
+
+func TestAPIWholePath(t *testing.T) {
+	d := newDaemon(t, agent.ManagerConfig{})
+	id := d.post(t, "api-secret-1", `"command": "echo hello from the dyno; exit 6", "tty": false, "labels": {"app": "shop", "dyno": "run_1"}`)
+	c := d.attach(t, "api-secret-1")
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "hello from the dyno\n" {
+		t.Fatalf("client got %q, %v", got, err)
+	}
+	_ = c.Close()
+	code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", "")
+	if code != 200 || v["state"] != "ended" || v["reason"] != "exited" || v["exit_code"] != float64(6) {
+		t.Fatalf("GET wait: %d %v", code, v)
+	}
+	if v["labels"].(map[string]any)["app"] != "shop" || v["secret_fp"] != tlsdial.Fingerprint("api-secret-1") {
+		t.Errorf("view %v lacks labels or fingerprint", v)
+	}
+
+	// DELETE ends a running session with killed.
+	id2 := d.post(t, "api-secret-2", `"command": ["sleep", "1000"]`)
+	c2 := d.attach(t, "api-secret-2")
+	if code, _ := d.do(t, "DELETE", "/v1/sessions/"+id2, ""); code != http.StatusAccepted {
+		t.Fatalf("DELETE: %d", code)
+	}
+	_, _ = io.ReadAll(c2)
+	code, v = d.do(t, "GET", "/v1/sessions/"+id2+"?wait=20s", "")
+	if v["reason"] != "killed" || v["state"] != "ended" {
+		t.Fatalf("after DELETE: %d %v", code, v)
+	}
+	code, list := d.do(t, "GET", "/v1/sessions", "")
+	if code != 200 || len(list["sessions"].([]any)) != 2 {
+		t.Fatalf("list: %d %v", code, list)
+	}
+	if code, _ := d.do(t, "GET", "/v1/sessions/s-nope", ""); code != 404 {
+		t.Fatalf("unknown id: %d", code)
+	}
+	if code, _ := d.do(t, "DELETE", "/v1/sessions/s-nope", ""); code != 404 {
+		t.Fatalf("unknown id: %d", code)
+	}
+	for _, secret := range []string{"api-secret-1", "api-secret-2"} {
+		if strings.Contains(d.logs.String(), secret) {
+			t.Fatalf("secret in logs:\n%s", d.logs.String())
+		}
+	}
+}
+
+func TestAPIBadRequests(t *testing.T) {
+	d := newDaemon(t, agent.ManagerConfig{MaxPairTimeout: time.Minute})
+	url := `"attach_url": "rendezvous://127.0.0.1:1/s"`
+	for _, tc := range []struct {
+		body string
+		code int
+		want string
+	}{
+		{`{`, 400, "bad JSON"},
+		{`{"command": "true"}`, 400, "attach_url: required"},
+		{`{"attach_url": "http://h/s", "command": "true"}`, 400, `attach_url: scheme "http"`},
+		{`{` + url + `}`, 400, "command: required"},
+		{`{` + url + `, "command": 5}`, 400, "command: must be a string or an array"},
+		{`{` + url + `, "command": []}`, 400, "command: empty argv"},
+		{`{` + url + `, "command": "  "}`, 400, "command: empty command string"},
+		{`{` + url + `, "command": "true", "bogus": 1}`, 400, `unknown field "bogus"`},
+		{`{` + url + `, "command": "true", "tty": false, "raw": true}`, 400, "raw: needs a pty"},
+		{`{` + url + `, "command": "true", "cols": 70000}`, 400, "cols: 70000 is out of range"},
+		{`{` + url + `, "command": "true", "pair_timeout": "soon"}`, 400, `pair_timeout: "soon" is not a positive Go duration`},
+		{`{` + url + `, "command": "true", "pair_timeout": "2h"}`, 400, "over the operator's limit of 1m0s"},
+		{`{` + url + `, "command": "true", "env": {"A=B": "x"}}`, 400, "env: variable"},
+		{`{` + url + `, "command": "true", "labels": {"bad key": "x"}}`, 400, "labels: key"},
+		{`{` + url + `, "command": "true", "user": "nobody"}`, 400, "user: running as another user is not supported"},
+		{`{` + url + `, "command": "true", "container": {"pid": 1}}`, 400, "container: containers are not supported"},
+		{`{` + url + `, "command": "true"}{}`, 400, "more than one object"},
+		{`{"attach_url": "` + strings.Repeat("a", agent.MaxRequestBody) + `"}`, 413, "request body over"},
+	} {
+		code, v := d.do(t, "POST", "/v1/sessions", tc.body)
+		if code != tc.code || !strings.Contains(fmt.Sprint(v["error"]), tc.want) {
+			t.Errorf("%.80s: %d %v; want %d and %q", tc.body, code, v["error"], tc.code, tc.want)
+		}
+	}
+	if code, v := d.do(t, "GET", "/v1/sessions/x?wait=forever", ""); code != 400 {
+		t.Errorf("bad wait: %d %v", code, v)
+	}
+	if n := len(d.mgr.List()); n != 0 || d.mgr.Active() != 0 {
+		t.Fatalf("bad requests started %d sessions", n)
+	}
+}
+
+func TestAPIHundredSessionsAndMetrics(t *testing.T) {
+	d := newDaemon(t, agent.ManagerConfig{})
+	const n = 100
+	ids := make([]string, n)
+	for i := range n {
+		ids[i] = d.post(t, fmt.Sprintf("many-%d", i), `"command": ["echo", "hi"], "tty": false`)
+	}
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			secret := fmt.Sprintf("many-%d", i)
+			c, err := tlsdial.Dial(context.Background(), d.env.URL(secret), d.env.Dial)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			if err := c.Pair(context.Background(), secret, 30*time.Second); err != nil {
+				t.Error(err)
+				return
+			}
+			_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+			if got, err := io.ReadAll(c); err != nil || string(got) != "hi\n" {
+				t.Errorf("%s: %q, %v", secret, got, err)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, id := range ids {
+		if _, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=30s", ""); v["reason"] != "exited" {
+			t.Fatalf("%s: %v", id, v)
+		}
+	}
+	if d.mgr.Active() != 0 {
+		t.Fatalf("%d sessions still active", d.mgr.Active())
+	}
+	if problems, err := testutil.GatherAndLint(d.reg); err != nil || len(problems) > 0 {
+		t.Fatalf("metrics lint: %v %v", problems, err)
+	}
+	expected := fmt.Sprintf(`
+# HELP attach_agent_sessions_active Sessions running now (dialing, waiting for a client, or attached).
+# TYPE attach_agent_sessions_active gauge
+attach_agent_sessions_active 0
+# HELP attach_agent_session_exits_total Commands that ran and ended, by exit class (success, failure, signal).
+# TYPE attach_agent_session_exits_total counter
+attach_agent_session_exits_total{class="failure"} 0
+attach_agent_session_exits_total{class="signal"} 0
+attach_agent_session_exits_total{class="success"} %d
+# HELP attach_agent_bytes_total Payload bytes moved, by direction (in: client to process, out: process to client).
+# TYPE attach_agent_bytes_total counter
+attach_agent_bytes_total{direction="in"} 0
+attach_agent_bytes_total{direction="out"} %d
+`, n, 3*n)
+	if err := testutil.GatherAndCompare(d.reg, strings.NewReader(expected),
+		"attach_agent_sessions_active", "attach_agent_session_exits_total", "attach_agent_bytes_total"); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(d.metrics.Ended.WithLabelValues("exited")); got != n {
+		t.Fatalf("sessions_ended_total{reason=exited} = %v, want %d", got, n)
+	}
+	// /metrics as Prometheus scrapes it: no secret in it.
+	srv := httptest.NewServer(promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if strings.Contains(string(body), "many-") || !strings.Contains(string(body), "attach_agent_tls_handshake_duration_seconds_count 100") {
+		t.Fatalf("/metrics shows a secret or lacks the handshakes:\n%s", body)
+	}
+}
+
+func TestShutdown(t *testing.T) {
+	d := newDaemon(t, agent.ManagerConfig{})
+	// One session finishes its output within the grace.
+	id := d.post(t, "sd-1", `"command": "read x; echo finished $x", "tty": false`)
+	c := d.attach(t, "sd-1")
+	// One will not end by itself.
+	id2 := d.post(t, "sd-2", `"command": ["sleep", "1000"]`)
+	c2 := d.attach(t, "sd-2")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { d.mgr.Shutdown(ctx); close(done) }()
+	waitFor(t, func() bool { return d.mgr.Closing() })
+	if code, v := d.do(t, "POST", "/v1/sessions", `{"attach_url": "rendezvous://127.0.0.1:1/x", "command": "true"}`); code != 503 {
+		t.Fatalf("POST while shutting down: %d %v", code, v)
+	}
+	if _, err := io.WriteString(c, "ok\n"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := io.ReadAll(c); string(got) != "finished ok\n" {
+		t.Fatalf("the running session's output: %q", got)
+	}
+	notice, _ := io.ReadAll(c2)
+	<-done
+	if v, _ := d.mgr.Get(id); v.Reason != string(ptyio.ReasonExited) {
+		t.Fatalf("first session: %+v", v)
+	}
+	if v, _ := d.mgr.Get(id2); v.Reason != string(ptyio.ReasonShutdown) {
+		t.Fatalf("second session: %+v", v)
+	}
+	if !strings.Contains(string(notice), "attach-agent: session ended: the agent is shutting down") {
+		t.Fatalf("client of the cut session got %q", notice)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
