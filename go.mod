@@ -3,6 +3,7 @@ module github.com/attach-agent/attach-agent
 go 1.26.0
 
 require (
+	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/creack/pty v1.1.24
 	github.com/prometheus/client_golang v1.25.0
 	golang.org/x/sys v0.49.0

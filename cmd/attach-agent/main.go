@@ -50,6 +50,7 @@ func commands() []command {
 	return []command{
 		{"attach", "run one command and attach it to a relay (one session, in the foreground)", runAttach},
 		{"demo", "start a relay, a session and a client in one process: a live shell in seconds", runDemo},
+		{"serve", "the per-worker daemon: sessions through a control API on a unix socket", runServe},
 		{"rendezvous", "run a Rendezvous relay", runRendezvous},
 		{"connect", "attach this terminal to a session through a relay (the client)", runConnect},
 		{"version", "print the version", runVersion},

@@ -1,0 +1,69 @@
+package agent_test
+
+import (
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+
+	"github.com/coreos/go-systemd/v22/journal"
+
+	"github.com/attach-agent/attach-agent/agent"
+)
+
+type entry struct {
+	msg    string
+	pri    journal.Priority
+	fields map[string]string
+}
+
+func TestJournaldFields(t *testing.T) {
+	var mu sync.Mutex
+	var entries []entry
+	send := func(msg string, pri journal.Priority, fields map[string]string) error {
+		mu.Lock()
+		defer mu.Unlock()
+		entries = append(entries, entry{msg, pri, fields})
+		return nil
+	}
+	d := newDaemon(t, agent.ManagerConfig{})
+	// The same manager, logging to the fake journal.
+	mgr := agent.NewManager(agent.ManagerConfig{Dial: d.env.Dial, Logger: slog.New(agent.NewJournalHandler(send, nil))})
+	secret := "journal-secret"
+	u := d.env.URL(secret)
+	v, err := mgr.Create(agent.Request{AttachURL: "rendezvous://" + u.Addr() + "/" + secret,
+		Command: []byte(`["sh", "-c", "echo out; exit 3"]`), Labels: map[string]string{"app": "shop"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := d.attach(t, secret)
+	_, _ = io.ReadAll(c)
+	_ = c.Close()
+	mgr.Wait(t.Context(), v.ID)
+	mu.Lock()
+	defer mu.Unlock()
+	var end *entry
+	for i := range entries {
+		for k, val := range entries[i].fields {
+			if val == secret || k == secret {
+				t.Fatalf("secret in journal entry %+v", entries[i])
+			}
+		}
+		if entries[i].msg == "session ended" {
+			end = &entries[i]
+		}
+	}
+	if end == nil {
+		t.Fatalf("no session end entry in %+v", entries)
+	}
+	want := map[string]string{"SESSION_ID": v.ID, "REASON": "exited", "EXIT_CODE": "3", "BYTES_OUT": "5", // "out\r\n" through the pty
+		"BYTES_IN": "0", "SECRET_FP": u.Fingerprint(), "LABEL_APP": "shop"}
+	for k, val := range want {
+		if end.fields[k] != val {
+			t.Errorf("field %s = %q, want %q (entry %+v)", k, end.fields[k], val, end.fields)
+		}
+	}
+	if _, ok := end.fields["DURATION_MS"]; !ok || end.pri != journal.PriInfo {
+		t.Errorf("entry %+v: want DURATION_MS and priority info", end)
+	}
+}
