@@ -223,4 +223,3 @@ func newLogger(format string, stderr io.Writer, send agent.JournalSender) (*slog
 	}
 	return nil, usagef("--log-format %q: want journald, text, json or auto", format)
 }
-
