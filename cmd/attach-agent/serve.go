@@ -125,6 +125,13 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 		_ = api.Close()
 		return exitFailure, err
 	}
+	// The signal that ended the wait above reached sigs too (main's
+	// NotifyContext and sigs both get every signal): drop it, so only a
+	// second one cuts the grace short.
+	select {
+	case <-sigs:
+	default:
+	}
 	notify("STOPPING=1")
 	log.Info("shutting down", "active", mgr.Active(), "grace", grace)
 	gctx, cancel := context.WithTimeout(context.Background(), grace)
