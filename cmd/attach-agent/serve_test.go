@@ -32,6 +32,7 @@ func TestServe(t *testing.T) {
 	}
 	defer notify.Close()
 	t.Setenv("NOTIFY_SOCKET", notifyPath)
+	t.Setenv("WATCHDOG_USEC", "200000") // WatchdogSec=0.2s: pings every 100ms
 	_ = notify.SetReadDeadline(time.Now().Add(30 * time.Second))
 
 	relay := relaytest.Start(t, nil)
@@ -46,6 +47,7 @@ func TestServe(t *testing.T) {
 			stdio{strings.NewReader(""), io.Discard, &stderr})
 	}()
 	expectNotify(t, notify, "READY=1")
+	expectNotify(t, notify, "WATCHDOG=1")
 
 	for path, mode := range map[string]os.FileMode{control: 0o660, filepath.Dir(control): 0o750} {
 		fi, err := os.Stat(path)
@@ -281,5 +283,63 @@ func TestServeSIGTERM(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "reason=shutdown") || !strings.Contains(stderr.String(), "reason=exited") {
 		t.Fatalf("log lacks the two session ends:\n%s", stderr.String())
+	}
+}
+
+// TestServeSocketActivation hands serve its control socket the way systemd
+// does (fd 3, LISTEN_FDS, LISTEN_PID) and checks it answers there.
+func TestServeSocketActivation(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "attach-agent")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	sock := filepath.Join(dir, "activated.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := ln.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false) // the socket lives on in f, for serve
+	_ = ln.Close()
+	// LISTEN_PID must be serve's own pid: the shell sets it to $$ and execs.
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve --metrics-listen "" --control "$1"`,
+		bin, filepath.Join(dir, "unused", "control.sock"))
+	cmd.ExtraFiles = []*os.File{f}
+	var stderr syncBuf
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-exited })
+
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}, Timeout: 10 * time.Second}
+	resp, err := hc.Get("http://agent/healthz")
+	if err != nil {
+		t.Fatalf("healthz on the activated socket: %v\n%s", err, stderr.String())
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("healthz: %d", resp.StatusCode)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "unused")); err == nil {
+		t.Fatal("serve made its own control socket although systemd passed one")
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(20 * time.Second):
+		t.Fatal("serve did not stop")
 	}
 }
