@@ -180,8 +180,14 @@ func TestAPIBadRequests(t *testing.T) {
 		{`{` + url + `, "command": "true", "pair_timeout": "2h"}`, 400, "over the operator's limit of 1m0s"},
 		{`{` + url + `, "command": "true", "env": {"A=B": "x"}}`, 400, "env: variable"},
 		{`{` + url + `, "command": "true", "labels": {"bad key": "x"}}`, 400, "labels: key"},
-		{`{` + url + `, "command": "true", "user": "nobody"}`, 400, "user: running as another user is not supported"},
-		{`{` + url + `, "command": "true", "container": {"pid": 1}}`, 400, "container: containers are not supported"},
+		{`{` + url + `, "command": "true", "user": "a b"}`, 400, `user: "a b": a name or number`},
+		{`{` + url + `, "command": "true", "user": "x:"}`, 400, `user: "x:": want NAME, UID`},
+		{`{` + url + `, "command": "true", "container": {"pid": 1, "rootfs": "/srv/x"}}`, 400, "container: give pid"},
+		{`{` + url + `, "command": "true", "container": {"rootfs": "rel"}}`, 400, "container: rootfs \"rel\": want an absolute path"},
+		{`{` + url + `, "command": "true", "container": {"rootfs": "/srv/x", "network": "bridge"}}`, 400, `container: network "bridge"`},
+		{`{` + url + `, "command": "true", "container": {"pid": 9, "hostname": "h"}}`, 400, "container: hostname, network and limits are for a sandbox"},
+		{`{` + url + `, "command": "true", "container": {"pid": "9"}}`, 400, "container: want {\"pid\": N}"},
+		{`{` + url + `, "command": "true", "container": {"rootfs": "/srv/x", "limits": {"cpus": 2}}}`, 400, `unknown field "cpus"`},
 		{`{` + url + `, "command": "true"}{}`, 400, "more than one object"},
 		{`{"attach_url": "` + strings.Repeat("a", agent.MaxRequestBody) + `"}`, 413, "request body over"},
 	} {
@@ -318,5 +324,23 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("timed out")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// The API's user and container fields reach the session: here a command
+// as nobody inside a running container.
+func TestAPIUserAndContainer(t *testing.T) {
+	needRoot(t)
+	pid := startContainer(t, "api-dyno")
+	d := newDaemon(t, agent.ManagerConfig{})
+	id := d.post(t, "api-ctr-1", fmt.Sprintf(`"command": "echo $(id -un) on $(hostname)", "tty": false, "user": "nobody", "container": {"pid": %d}`, pid))
+	c := d.attach(t, "api-ctr-1")
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "nobody on api-dyno\n" {
+		t.Fatalf("client got %q, %v", got, err)
+	}
+	_ = c.Close()
+	if code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", ""); v["reason"] != "exited" || v["exit_code"] != float64(0) {
+		t.Fatalf("GET wait: %d %v", code, v)
 	}
 }

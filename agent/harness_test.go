@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/ptyio"
@@ -24,7 +25,10 @@ import (
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
-func TestMain(m *testing.M) { leakcheck.Main(m) }
+func TestMain(m *testing.M) {
+	container.Main() // this binary is re-executed as the sandbox init
+	leakcheck.Main(m)
+}
 
 // harness is a real relay on loopback TLS that sessions and clients meet at.
 type harness struct {

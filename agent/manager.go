@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -8,12 +9,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os/exec"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -142,15 +143,23 @@ func (m *Manager) Spec(req Request) (Spec, error) {
 	if err != nil {
 		return bad("attach_url", "%s", strings.TrimPrefix(err.Error(), "attach url: "))
 	}
-	argv, err := commandArgv(req.Command)
+	var ctr container.Spec
+	if len(req.Container) > 0 && string(req.Container) != "null" {
+		dec := json.NewDecoder(bytes.NewReader(req.Container))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&ctr); err != nil {
+			return bad("container", "want {\"pid\": N} or {\"rootfs\": DIR, \"hostname\": NAME, \"network\": \"host\"|\"none\", \"limits\": {...}}: %v", err)
+		}
+		if err := ctr.Validate(); err != nil {
+			return bad("container", "%s", strings.TrimPrefix(err.Error(), "container: "))
+		}
+	}
+	if err := ptyio.CheckUserSpec(req.User); req.User != "" && err != nil {
+		return bad("user", "%v", err)
+	}
+	argv, err := commandArgv(req.Command, ctr.Shell())
 	if err != nil {
 		return bad("command", "%v", err)
-	}
-	if req.User != "" {
-		return bad("user", "running as another user is not supported by this build yet; leave it out")
-	}
-	if len(req.Container) > 0 && string(req.Container) != "null" {
-		return bad("container", "containers are not supported by this build yet; leave it out")
 	}
 	tty := req.TTY == nil || *req.TTY
 	if req.Raw && !tty {
@@ -206,11 +215,13 @@ func (m *Manager) Spec(req Request) (Spec, error) {
 	}
 	return Spec{
 		URL: u, Dial: dial, Pump: pc, ExitStatusMarker: req.ExitStatusMarker, Labels: req.Labels,
+		User: req.User, Container: ctr,
 		Process: ptyio.Spec{Argv: argv, Env: env, Dir: req.Dir, TTY: tty, Raw: req.Raw, Cols: uint16(req.Cols), Rows: uint16(req.Lines)},
 	}, nil
 }
 
-func commandArgv(raw json.RawMessage) ([]string, error) {
+// commandArgv is the command as argv; a string runs with shell -c.
+func commandArgv(raw json.RawMessage, shell string) ([]string, error) {
 	if len(raw) == 0 || string(raw) == "null" {
 		return nil, errors.New("required: a string (run with bash -c) or an array of strings (argv)")
 	}
@@ -219,11 +230,7 @@ func commandArgv(raw json.RawMessage) ([]string, error) {
 		if strings.TrimSpace(s) == "" {
 			return nil, errors.New("empty command string")
 		}
-		sh := "bash"
-		if _, err := exec.LookPath("bash"); err != nil {
-			sh = "sh"
-		}
-		return []string{sh, "-c", s}, nil
+		return []string{shell, "-c", s}, nil
 	}
 	var argv []string
 	if err := json.Unmarshal(raw, &argv); err != nil {

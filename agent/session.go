@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -43,7 +44,12 @@ type Spec struct {
 	URL     tlsdial.URL
 	Dial    tlsdial.Config
 	Process ptyio.Spec
-	Pump    ptyio.Config
+	// User runs the command as NAME, UID, NAME:GROUP or UID:GID, looked up
+	// in the container's passwd and group files; empty: as the agent.
+	User string
+	// Container is where the command runs; the zero value: on the host.
+	Container container.Spec
+	Pump      ptyio.Config
 	// ExitStatusMarker writes the Heroku CLI's exit-status line after all
 	// output, so `heroku run -x` and our client exit with the status.
 	ExitStatusMarker bool
@@ -134,7 +140,13 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 
 	// Only now, with somebody attached, does the command run.
 	ts := time.Now()
-	proc, err := ptyio.Start(spec.Process)
+	ps := spec.Process
+	release, err := container.Apply(spec.Container, spec.User, &ps)
+	defer release() // after the process and its sandbox are gone (deferred before the pump returns)
+	var proc *ptyio.Process
+	if err == nil {
+		proc, err = ptyio.Start(ps)
+	}
 	res.Timings.Spawn = time.Since(ts)
 	if err != nil {
 		res = fail(ReasonSpawnFailed, err)

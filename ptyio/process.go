@@ -40,7 +40,14 @@ type Spec struct {
 
 	// SysProcAttr, when set, is the base for the child's attributes
 	// (credentials, namespaces); Setsid and the controlling tty are set here.
+	// With a Credential, the pty is handed to that user.
 	SysProcAttr *syscall.SysProcAttr
+
+	// Launch, when set, starts cmd in place of cmd.Start: inside another
+	// container's namespaces, or under an init in a new one. cmd.Path is
+	// not resolved yet (it is Argv[0]): Launch looks it up where the
+	// command will run, with LookPath. Errors are reported as spawn errors.
+	Launch func(cmd *exec.Cmd) error
 }
 
 // SpawnError is a command that could not be started. Code is the shell's
@@ -77,6 +84,7 @@ type Process struct {
 	tty    bool
 	raw    bool
 	ptsDev string
+	launch func(*exec.Cmd) error
 
 	waitOnce sync.Once
 	done     chan struct{}
@@ -91,10 +99,13 @@ func Start(spec Spec) (*Process, error) {
 	if len(spec.Argv) == 0 || spec.Argv[0] == "" {
 		return nil, &SpawnError{Name: "''", Code: 127, Err: errors.New("empty command")}
 	}
-	env := withDefaults(spec.Env, spec.TTY)
-	path, err := lookPath(spec.Argv[0], envValue(env, "PATH"), spec.Dir)
-	if err != nil {
-		return nil, err
+	env := withDefaults(spec)
+	path := spec.Argv[0]
+	if spec.Launch == nil {
+		var err error
+		if path, err = LookPath(spec.Argv[0], envValue(env, "PATH"), spec.Dir); err != nil {
+			return nil, err
+		}
 	}
 	attr := &syscall.SysProcAttr{}
 	if spec.SysProcAttr != nil {
@@ -103,7 +114,8 @@ func Start(spec Spec) (*Process, error) {
 	}
 	attr.Setsid = true // own session and process group: one signal reaches all of it
 	cmd := &exec.Cmd{Path: path, Args: spec.Argv, Env: env, Dir: spec.Dir, SysProcAttr: attr}
-	p := &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{})}
+	p := &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{}), launch: spec.Launch}
+	var err error
 	if spec.TTY {
 		err = p.startPTY(spec)
 	} else {
@@ -139,13 +151,7 @@ func (p *Process) startPTY(spec Spec) error {
 	}
 	defer func() { _ = tty.Close() }() // the child has its own copies after Start
 	p.ptsDev = tty.Name()
-	cols, rows := spec.Cols, spec.Rows
-	if cols == 0 {
-		cols = 80
-	}
-	if rows == 0 {
-		rows = 24
-	}
+	cols, rows := size(spec)
 	if err := pty.Setsize(ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
 		_ = ptmx.Close()
 		return fmt.Errorf("set pty size: %w", err)
@@ -160,10 +166,18 @@ func (p *Process) startPTY(spec Spec) error {
 	if err != nil {
 		return fmt.Errorf("pty master: %w", err)
 	}
+	if c := p.cmd.SysProcAttr.Credential; c != nil {
+		// The user's own terminal, as login gives it: programs that reopen
+		// it by name (less, ssh, sudo) must be able to.
+		if err := tty.Chown(int(c.Uid), -1); err != nil {
+			_ = master.Close()
+			return fmt.Errorf("hand the pty to uid %d: %w", c.Uid, err)
+		}
+	}
 	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = tty, tty, tty
 	p.cmd.SysProcAttr.Setctty = true
 	p.cmd.SysProcAttr.Ctty = 0 // the child's fd 0, the tty
-	if err := p.cmd.Start(); err != nil {
+	if err := p.start(); err != nil {
 		_ = master.Close()
 		return err
 	}
@@ -206,7 +220,7 @@ func (p *Process) startPipes() error {
 		return err
 	}
 	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = inR, outW, outW
-	err = p.cmd.Start()
+	err = p.start()
 	_, _ = inR.Close(), outW.Close() // the child's ends
 	if err != nil {
 		_, _ = inW.Close(), outR.Close()
@@ -214,6 +228,13 @@ func (p *Process) startPipes() error {
 	}
 	p.master, p.input = outR, inW
 	return nil
+}
+
+func (p *Process) start() error {
+	if p.launch != nil {
+		return p.launch(p.cmd)
+	}
+	return p.cmd.Start()
 }
 
 func (p *Process) wait() {
@@ -299,15 +320,35 @@ func (p *Process) Close() error {
 	return err
 }
 
-func withDefaults(env []string, tty bool) []string {
-	out := append([]string(nil), env...)
-	if envValue(out, "PATH") == "" && !hasKey(out, "PATH") {
-		out = append(out, "PATH="+DefaultPath)
+// withDefaults is the child's whole environment: the given one plus PATH
+// and, with a tty, TERM, COLUMNS and LINES, each only when absent. Nothing
+// of the agent's own environment gets in.
+func withDefaults(spec Spec) []string {
+	out := append([]string(nil), spec.Env...)
+	add := func(k, v string) {
+		if !hasKey(out, k) {
+			out = append(out, k+"="+v)
+		}
 	}
-	if tty && !hasKey(out, "TERM") {
-		out = append(out, "TERM="+DefaultTerm)
+	add("PATH", DefaultPath)
+	if spec.TTY {
+		cols, rows := size(spec)
+		add("TERM", DefaultTerm)
+		add("COLUMNS", fmt.Sprint(cols))
+		add("LINES", fmt.Sprint(rows))
 	}
 	return out
+}
+
+func size(spec Spec) (cols, rows uint16) {
+	cols, rows = spec.Cols, spec.Rows
+	if cols == 0 {
+		cols = 80
+	}
+	if rows == 0 {
+		rows = 24
+	}
+	return cols, rows
 }
 
 func hasKey(env []string, key string) bool {
@@ -329,8 +370,9 @@ func envValue(env []string, key string) string {
 	return v
 }
 
-// lookPath finds name in the child's PATH (not the agent's).
-func lookPath(name, path, dir string) (string, error) {
+// LookPath finds name in the child's PATH (not the agent's), relative to
+// dir for a name with a slash, on the filesystem the caller sees.
+func LookPath(name, path, dir string) (string, error) {
 	if strings.Contains(name, "/") {
 		full := name
 		if !filepath.IsAbs(full) && dir != "" {

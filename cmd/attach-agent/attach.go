@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +16,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -29,6 +29,8 @@ type sessionFlags struct {
 	cols, lines                            int
 	dir                                    string
 	pump                                   ptyio.Config
+	user                                   string
+	ctr                                    container.Spec
 }
 
 func (f *sessionFlags) register(fs *flagSet) {
@@ -40,7 +42,16 @@ func (f *sessionFlags) register(fs *flagSet) {
 	fs.Var(&f.env, "env", "`K=V` for the command's environment (repeatable); the command gets only these (plus PATH, and TERM with a pty)")
 	fs.IntVar(&f.cols, "cols", 0, "pty width (default: COLUMNS from --env, else 80)")
 	fs.IntVar(&f.lines, "lines", 0, "pty height (default: LINES from --env, else 24)")
-	fs.StringVar(&f.dir, "dir", "", "working `directory` of the command")
+	fs.StringVar(&f.dir, "dir", "", "working `directory` of the command (default: the user's home with --user or a container, else the agent's)")
+	fs.StringVar(&f.user, "user", "", "run as `USER`: NAME, UID, NAME:GROUP or UID:GID, looked up in the container's /etc/passwd and /etc/group")
+	fs.IntVar(&f.ctr.PID, "container-pid", 0, "run inside the namespaces and root of this running `PID` (join its container)")
+	fs.StringVar(&f.ctr.Rootfs, "rootfs", "", "run in a new sandbox rooted at `DIR` (new PID, mount, UTS and IPC namespaces, own /proc and /dev)")
+	fs.StringVar(&f.ctr.Hostname, "hostname", "", "with --rootfs: the sandbox's hostname (default \""+container.DefaultHostname+"\")")
+	fs.StringVar(&f.ctr.Network, "network", "", "with --rootfs: \"host\" (default) or \"none\" (own network namespace, loopback only)")
+	fs.Int64Var(&f.ctr.Limits.Pids, "limit-pids", 0, "with --rootfs: at most `N` tasks in the sandbox (cgroup pids); 0: no limit")
+	fs.Int64Var(&f.ctr.Limits.Memory, "limit-memory", 0, "with --rootfs: memory limit in `BYTES` (cgroup memory); 0: no limit")
+	fs.Uint64Var(&f.ctr.Limits.NoFile, "limit-nofile", 0, "with --rootfs: open files per process (RLIMIT_NOFILE); 0: the agent's")
+	fs.Uint64Var(&f.ctr.Limits.NProc, "limit-nproc", 0, "with --rootfs: processes per user (RLIMIT_NPROC); 0: the agent's")
 	fs.DurationVar(&f.pump.IdleTimeout, "idle-timeout", ptyio.DefaultIdleTimeout, "end the session when nothing moved (and nothing is queued) this long; negative: never")
 	fs.DurationVar(&f.pump.StallTimeout, "stall-timeout", ptyio.DefaultStallTimeout, "end the session when output cannot be written this long")
 	fs.DurationVar(&f.pump.MaxDuration, "max-duration", ptyio.DefaultMaxDuration, "end the session after this long; negative: never")
@@ -60,15 +71,19 @@ func (f *sessionFlags) spec(argv []string) (ptyio.Spec, ptyio.Config, error) {
 	if len(argv) == 0 {
 		return sp, f.pump, usagef("missing COMMAND after --")
 	}
+	if err := f.ctr.Validate(); err != nil {
+		return sp, f.pump, usagef("%s (see --container-pid, --rootfs)", err)
+	}
+	if f.user != "" {
+		if err := ptyio.CheckUserSpec(f.user); err != nil {
+			return sp, f.pump, usagef("--user %v", err)
+		}
+	}
 	if f.shell {
 		if len(argv) != 1 {
 			return sp, f.pump, usagef("--shell takes COMMAND as one string, got %d arguments (quote it)", len(argv))
 		}
-		sh := "bash"
-		if _, err := exec.LookPath("bash"); err != nil {
-			sh = "sh"
-		}
-		argv = []string{sh, "-c", argv[0]}
+		argv = []string{f.ctr.Shell(), "-c", argv[0]}
 	}
 	for _, kv := range f.env {
 		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
@@ -150,7 +165,8 @@ func runAttach(ctx context.Context, args []string, io stdio) (int, error) {
 		return exitUsage, err
 	}
 	log := slog.New(slog.NewTextHandler(io.err, nil))
-	res := agent.Run(ctx, agent.Spec{URL: u, Dial: dcfg, Process: pspec, Pump: pcfg, ExitStatusMarker: sf.marker}, log)
+	res := agent.Run(ctx, agent.Spec{URL: u, Dial: dcfg, Process: pspec, Pump: pcfg, ExitStatusMarker: sf.marker,
+		User: sf.user, Container: sf.ctr}, log)
 	return attachExit(res, io)
 }
 
@@ -228,7 +244,8 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 	defer cancel()
 	done := make(chan agent.Result, 1)
 	go func() {
-		done <- agent.Run(sessCtx, agent.Spec{URL: u, Dial: dial, Process: pspec, Pump: pcfg, ExitStatusMarker: true}, log)
+		done <- agent.Run(sessCtx, agent.Spec{URL: u, Dial: dial, Process: pspec, Pump: pcfg, ExitStatusMarker: true,
+			User: sf.user, Container: sf.ctr}, log)
 	}()
 
 	restore := rawTerminal(io)

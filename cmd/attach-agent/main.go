@@ -15,6 +15,8 @@ import (
 	"runtime"
 	"strings"
 	"syscall"
+
+	"github.com/attach-agent/attach-agent/container"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -58,6 +60,7 @@ func commands() []command {
 }
 
 func main() {
+	container.Main() // when re-executed as a sandbox's init, that is all this process is
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], stdio{os.Stdin, os.Stdout, os.Stderr})
 	stop()

@@ -1,0 +1,557 @@
+package agent_test
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/ptyio"
+)
+
+// needRoot skips a test that needs root (namespaces, other users); CI runs
+// as root, so there it always runs.
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+}
+
+// runSession runs spec through the relay with a client that sends nothing,
+// and returns the client's output (CR LF turned into LF) and the result.
+func runSession(t *testing.T, h *harness, spec agent.Spec) (string, agent.Result) {
+	t.Helper()
+	u, res := h.session(t, spec)
+	c := h.client(t, u)
+	got, err := io.ReadAll(c)
+	if err != nil {
+		t.Errorf("client read: %v", err)
+	}
+	_ = c.Close() // the session's linger ends with it
+	r := wait(t, res, 60*time.Second)
+	return strings.ReplaceAll(string(got), "\r\n", "\n"), r
+}
+
+func TestUserAndGroups(t *testing.T) {
+	needRoot(t)
+	h := newHarness(t, nil)
+	for _, tc := range []struct {
+		user, want, home string
+	}{
+		{"nobody", "uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)", "/nonexistent"},
+		{"1234:1234", "uid=1234 gid=1234 groups=1234", "/"},
+		{"nobody:daemon", "uid=65534(nobody) gid=1(daemon) groups=1(daemon)", "/nonexistent"},
+	} {
+		t.Run(tc.user, func(t *testing.T) {
+			out, r := runSession(t, h, agent.Spec{
+				User:    tc.user,
+				Process: ptyio.Spec{Argv: sh(`id; echo "home=$HOME user=$USER logname=$LOGNAME pwd=$(pwd)"`), TTY: true},
+			})
+			if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+				t.Fatalf("result %v, output %q", r, out)
+			}
+			if !strings.Contains(out, tc.want+"\n") {
+				t.Errorf("id: want %q in %q", tc.want, out)
+			}
+			name := strings.Split(tc.user, ":")[0]
+			if name == "1234" {
+				name = ""
+			}
+			// The home directory does not exist for nobody: the command starts in /.
+			if want := fmt.Sprintf("home=%s user=%s logname=%s pwd=/\n", tc.home, name, name); !strings.Contains(out, want) {
+				t.Errorf("want %q in %q", want, out)
+			}
+		})
+	}
+}
+
+// A user with supplementary groups, looked up in the container's files,
+// not the host's.
+func TestUserFromTheSandboxFiles(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		User:      "dyno",
+		Container: container.Spec{Rootfs: root},
+		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", `id; echo "home=$HOME shell=$SHELL pwd=$(pwd)"`}, TTY: true},
+	})
+	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Fatalf("result %v, output %q", r, out)
+	}
+	for _, want := range []string{
+		"uid=2001(dyno) gid=2001(dyno) groups=2001(dyno),3001(builders),3002(deployers)\n",
+		"home=/app shell=/bin/sh pwd=/app\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("want %q in %q", want, out)
+		}
+	}
+}
+
+// An unknown user or group fails the session before anything runs.
+func TestUnknownUserRunsNothing(t *testing.T) {
+	h := newHarness(t, nil)
+	marker := filepath.Join(t.TempDir(), "ran")
+	for _, user := range []string{"no-such-user-here", "nobody:no-such-group", "4242"} {
+		t.Run(user, func(t *testing.T) {
+			out, r := runSession(t, h, agent.Spec{
+				User:             user,
+				ExitStatusMarker: true,
+				Process:          ptyio.Spec{Argv: sh("touch " + marker), TTY: true},
+			})
+			if r.Reason != agent.ReasonSpawnFailed || r.Started || r.ExitCode != agent.ExitAgentError {
+				t.Errorf("result %+v: want spawn_failed, not started, exit 125", r)
+			}
+			if !strings.Contains(out, "attach-agent: user") {
+				t.Errorf("client got %q: want the reason", out)
+			}
+			if body, code, ok := stripMarker([]byte(out)); !ok || code != agent.ExitAgentError {
+				t.Errorf("marker: %v %d in %q", ok, code, body)
+			}
+			if _, err := os.Stat(marker); err == nil {
+				t.Fatal("the command ran")
+			}
+		})
+	}
+}
+
+// The child's environment is what the session gives, never the agent's.
+func TestAgentEnvironmentDoesNotLeak(t *testing.T) {
+	t.Setenv("AGENT_SECRET_TOKEN", "hunter2")
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		Process: ptyio.Spec{Argv: []string{"env"}, Env: []string{"GIVEN=1"}, TTY: true, Cols: 100, Rows: 30},
+	})
+	if r.Reason != ptyio.ReasonExited {
+		t.Fatalf("result %v", r)
+	}
+	vars := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		k, v, _ := strings.Cut(line, "=")
+		vars[k] = v
+	}
+	want := map[string]string{"GIVEN": "1", "PATH": ptyio.DefaultPath, "TERM": ptyio.DefaultTerm, "COLUMNS": "100", "LINES": "30"}
+	for k, v := range want {
+		if vars[k] != v {
+			t.Errorf("%s=%q, want %q", k, vars[k], v)
+		}
+	}
+	delete(vars, "PWD") // the shell-less env does not set it, but a future one might
+	if len(vars) != len(want) {
+		t.Errorf("environment %v: want exactly %v", vars, want)
+	}
+}
+
+// startContainer starts a "container": a process in new UTS, PID and mount
+// namespaces (with its own /proc) and its own hostname, and returns the
+// pid of its PID 1 once that has set the hostname.
+func startContainer(t *testing.T, hostname string) int {
+	t.Helper()
+	cmd := exec.Command("unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc",
+		"sh", "-c", `hostname "$0" && exec sleep 300`, hostname)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill() // unshare; its child, PID 1 there, is killed below
+		_ = cmd.Wait()
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+		if f := strings.Fields(string(b)); len(f) == 1 {
+			pid, _ := strconv.Atoi(f[0])
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); string(comm) == "sleep\n" {
+				t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL); waitGone(t, pid) })
+				return pid
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("container did not start")
+	return 0
+}
+
+func TestJoinRunningContainer(t *testing.T) {
+	needRoot(t)
+	pid := startContainer(t, "dyno-web-1")
+	host, _ := os.Hostname()
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		Container: container.Spec{PID: pid},
+		Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) self=$$"; ` +
+			`for p in /proc/[0-9]*; do echo "proc ${p#/proc/} $(cat $p/comm)"; done`), TTY: true},
+	})
+	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Fatalf("result %v, output %q", r, out)
+	}
+	if !strings.Contains(out, "host=dyno-web-1 pid1=sleep ") {
+		t.Errorf("want the container's hostname and PID 1 in %q (the host is %q)", out, host)
+	}
+	// Only the container's processes: its sleep (1), our sh, and the
+	// subshells that read comm.
+	var procs []string
+	for _, line := range strings.Split(out, "\n") {
+		if rest, ok := strings.CutPrefix(line, "proc "); ok {
+			procs = append(procs, rest)
+		}
+	}
+	if len(procs) == 0 || len(procs) > 4 || procs[0] != "1 sleep" {
+		t.Errorf("processes seen: %q: want the container's sleep as 1 and our own few", procs)
+	}
+	for _, p := range procs {
+		if n, _ := strconv.Atoi(strings.Fields(p)[0]); n > 100 {
+			t.Errorf("process %q: a host pid inside the container", p)
+		}
+	}
+}
+
+func TestJoinErrors(t *testing.T) {
+	needRoot(t)
+	h := newHarness(t, nil)
+	before := mounts(t)
+	// A pid that cannot be there (above pid_max).
+	out, r := runSession(t, h, agent.Spec{
+		Container: container.Spec{PID: 1 << 30},
+		Process:   ptyio.Spec{Argv: []string{"true"}, TTY: true},
+	})
+	if r.Reason != agent.ReasonSpawnFailed || !strings.Contains(out, "no such process") {
+		t.Errorf("result %v, client saw %q: want spawn_failed naming the missing process", r, out)
+	}
+	// A program missing inside the container: 127, as a shell says it.
+	pid := startContainer(t, "c2")
+	out, r = runSession(t, h, agent.Spec{
+		Container: container.Spec{PID: pid},
+		Process:   ptyio.Spec{Argv: []string{"/no/such/program"}, TTY: true},
+	})
+	if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != 127 || !strings.Contains(out, "command not found") {
+		t.Errorf("result %v, client saw %q: want spawn_failed, 127", r, out)
+	}
+	if after := mounts(t); after != before {
+		t.Errorf("mounts changed:\n%s\n---\n%s", before, after)
+	}
+}
+
+// buildRootfs makes a minimal root filesystem: a statically linked busybox
+// with its applets, and passwd and group files of its own.
+func buildRootfs(t *testing.T) string {
+	t.Helper()
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("busybox is missing: .ci/run installs busybox-static")
+		}
+		t.Skip("needs a static busybox: apt-get install busybox-static")
+	}
+	if out, err := exec.Command("ldd", bb).CombinedOutput(); err == nil && !strings.Contains(string(out), "not a dynamic") {
+		t.Skipf("%s is not statically linked: install busybox-static", bb)
+	}
+	root := t.TempDir()
+	for _, d := range []string{"bin", "etc", "app", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(filepath.Join(root, "app"), 2001, 2001); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(bb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, applet := range []string{"sh", "id", "hostname", "cat", "ls", "tty", "sleep", "echo", "pwd", "env", "stty", "ps", "tr", "cut", "head", "touch", "ip"} {
+		if err := os.Symlink("busybox", filepath.Join(root, "bin", applet)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files := map[string]string{
+		"etc/passwd": "root:x:0:0:root:/root:/bin/sh\ndyno:x:2001:2001:dyno:/app:/bin/sh\n",
+		"etc/group":  "root:x:0:\ndyno:x:2001:\nbuilders:x:3001:dyno\ndeployers:x:3002:ops,dyno\nother:x:3003:ops\n",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(root, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return root
+}
+
+// mounts is the host's mount table, to show that a sandbox leaves nothing
+// mounted.
+func mounts(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestSandbox(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	before := mounts(t)
+	h := newHarness(t, nil)
+	script := `echo "host=$(hostname) pid1=$(cat /proc/1/cmdline | tr '\0' ' ') tty=$(tty)"
+(sleep 0.2 &) ; sleep 1
+for p in /proc/[0-9]*; do echo "proc ${p#/proc/} $(cat $p/stat | cut -d' ' -f3) $(cat $p/comm)"; done
+set -m; sleep 30 & echo "pgrp sh=$(cut -d' ' -f5 /proc/$$/stat) bg=$(cut -d' ' -f5 /proc/$!/stat) fg=$(cut -d' ' -f8 /proc/$$/stat) self=$$"
+stty size; kill %1 && echo "job control ok"`
+	out, r := runSession(t, h, agent.Spec{
+		Container: container.Spec{Rootfs: root, Hostname: "one-off-7"},
+		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", script}, TTY: true},
+	})
+	t.Logf("sandbox output:\n%s", out)
+	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Fatalf("result %v, output %q", r, out)
+	}
+	for _, want := range []string{"host=one-off-7 ", "pid1=attach-agent __sandbox-init ", "tty=/dev/console\n", "24 80\n", "job control ok\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("want %q in %q", want, out)
+		}
+	}
+	// Job control: the shell leads the terminal's foreground group, and a
+	// background job gets a group of its own.
+	var shPgrp, bgPgrp, fgPgrp, self int
+	if i := strings.Index(out, "pgrp "); i < 0 {
+		t.Error("no process groups in the output")
+	} else if _, err := fmt.Sscanf(out[i:], "pgrp sh=%d bg=%d fg=%d self=%d", &shPgrp, &bgPgrp, &fgPgrp, &self); err != nil {
+		t.Errorf("process groups: %v", err)
+	} else if shPgrp != self || fgPgrp != self || bgPgrp == self {
+		t.Errorf("shell %d in group %d, background job in %d, terminal's foreground group %d: want the shell's own group in front, the job apart",
+			self, shPgrp, bgPgrp, fgPgrp)
+	}
+	var procs []string
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "proc "); ok {
+			procs = append(procs, rest)
+			if f := strings.Fields(rest); len(f) > 1 && f[1] == "Z" {
+				t.Errorf("zombie in the sandbox: %q (the orphaned sleep was not reaped)", rest)
+			}
+		}
+	}
+	// init, our sh, and the subshells of the loop: no host process.
+	if len(procs) < 2 || len(procs) > 6 || !strings.HasPrefix(procs[0], "1 ") {
+		t.Errorf("processes seen: %q: want only the sandbox's", procs)
+	}
+	if after := mounts(t); after != before {
+		t.Errorf("the sandbox left mounts on the host:\n%s\n---\n%s", before, after)
+	}
+}
+
+// sandboxLeftovers lists what a sandbox may leave on the host: child
+// processes of ours, mounts and cgroups.
+func sandboxLeftovers(t *testing.T) string {
+	t.Helper()
+	var groups []string
+	for _, c := range []string{"pids", "memory", "unified", ""} {
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", "sandbox-*"))
+		groups = append(groups, m...)
+	}
+	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", childrenOf(os.Getpid()), groups, mounts(t))
+}
+
+// A fork loop inside stops at the pids limit; the host and the agent go
+// on, and the limit's cgroup is removed afterwards.
+func TestSandboxPidsLimit(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	before := sandboxLeftovers(t)
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		Container: container.Spec{Rootfs: root, Limits: container.Limits{Pids: 24}},
+		Process: ptyio.Spec{Argv: []string{"/bin/sh", "-c",
+			`i=0; while [ $i -lt 200 ]; do sleep 60 & i=$((i+1)); echo $i >/tmp/started; done; echo "started all $i"`}, TTY: true},
+	})
+	t.Logf("output: %q, result %v", out, r)
+	if strings.Contains(out, "started all 200") {
+		t.Fatal("200 processes started under a limit of 24")
+	}
+	if !strings.Contains(out, "can't fork") && !strings.Contains(out, "emporarily unavailable") {
+		t.Errorf("want the shell's fork failure in %q", out)
+	}
+	if r.Reason != ptyio.ReasonExited || r.ExitCode == 0 {
+		t.Errorf("result %v: want the shell's own failure status", r)
+	}
+	// init, the shell and the sleeps fill the 24; the loop got that far.
+	b, _ := os.ReadFile(filepath.Join(root, "tmp/started"))
+	if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err != nil || n < 10 || n > 24 {
+		t.Errorf("the loop started %q sleeps: want some, and fewer than the limit of 24", b)
+	}
+	// The agent still runs sessions, and the host still forks.
+	out, r = runSession(t, h, agent.Spec{Process: ptyio.Spec{Argv: sh("echo after"), TTY: true}})
+	if r.Reason != ptyio.ReasonExited || !strings.Contains(out, "after") {
+		t.Errorf("a session after the fork loop: %v %q", r, out)
+	}
+	waitLeftovers(t, before)
+}
+
+// waitLeftovers waits (bounded) until the host is as before.
+func waitLeftovers(t *testing.T, before string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		after := sandboxLeftovers(t)
+		if after == before {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("left behind:\n%s\n--- before:\n%s", after, before)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Every way a sandbox can fail to start says why, and leaves no process,
+// mount or cgroup behind.
+func TestSandboxErrors(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	notDir := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(notDir, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := sandboxLeftovers(t)
+	h := newHarness(t, nil)
+	for _, tc := range []struct {
+		name string
+		ctr  container.Spec
+		user string
+		argv []string
+		code int
+		say  string
+	}{
+		{"missing program", container.Spec{Rootfs: root, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/bash"}, 127, "/bin/bash: command not found"},
+		{"not executable", container.Spec{Rootfs: root}, "", []string{"/etc/passwd"}, 126, "not executable"},
+		{"rootfs not a directory", container.Spec{Rootfs: notDir}, "", []string{"/bin/sh"}, 125, "not a directory"},
+		{"user missing inside", container.Spec{Rootfs: root}, "nobody", []string{"/bin/sh"}, 125, "no such user"},
+		{"bad hostname", container.Spec{Rootfs: root, Hostname: "bad host"}, "", []string{"/bin/sh"}, 125, "hostname"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, r := runSession(t, h, agent.Spec{
+				Container: tc.ctr, User: tc.user,
+				Process: ptyio.Spec{Argv: tc.argv, TTY: true},
+			})
+			if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != tc.code || !strings.Contains(out, tc.say) {
+				t.Errorf("result %v, client saw %q: want spawn_failed, %d, %q", r, out, tc.code, tc.say)
+			}
+		})
+	}
+	waitLeftovers(t, before)
+}
+
+// network none: only loopback, and it is up.
+func TestSandboxNetworkNone(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		Container: container.Spec{Rootfs: root, Network: container.NetworkNone},
+		Process:   ptyio.Spec{Argv: []string{"/bin/ip", "-o", "link"}, TTY: true},
+	})
+	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Fatalf("result %v, output %q", r, out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 1 || !strings.HasPrefix(lines[0], "1: lo: <LOOPBACK,UP,LOWER_UP>") {
+		t.Errorf("links %q: want only lo, up", lines)
+	}
+}
+
+// The command in a sandbox holds its terminal and nothing else of the
+// agent's or the init's (a stray copy of the init's report pipe once kept
+// every interactive session from starting).
+func TestSandboxCommandHoldsOnlyItsTerminal(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	u, res := h.session(t, agent.Spec{
+		Container: container.Spec{Rootfs: root},
+		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo ready; exec sleep 30"}, TTY: true},
+	})
+	c := h.client(t, u)
+	buf := make([]byte, 64)
+	var got []byte
+	for !strings.Contains(string(got), "ready") {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("before ready: %q, %v", got, err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	sleepPid := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for sleepPid == 0 && time.Now().Before(deadline) {
+		for _, init := range childrenOf(os.Getpid()) {
+			if cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", init)); strings.Contains(string(cmd), "__sandbox-init") {
+				for _, p := range childrenOf(init) {
+					if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", p)); string(comm) == "sleep\n" {
+						sleepPid = p
+					}
+				}
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if sleepPid == 0 {
+		t.Fatal("no sleep under a sandbox init")
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", sleepPid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// busybox keeps fds of its own at 10 and up; ours would be 3 and 4.
+	var fds []string
+	for _, e := range ents {
+		target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", sleepPid, e.Name()))
+		fds = append(fds, e.Name()+"->"+target)
+		if n, _ := strconv.Atoi(e.Name()); n <= 2 && target != "/dev/console" || n > 2 && n < 10 {
+			t.Errorf("fd %s -> %s", e.Name(), target)
+		}
+	}
+	if t.Failed() {
+		t.Logf("the command's fds: %q: want 0, 1, 2 on its terminal and nothing of the agent's", fds)
+	}
+	// A signal's status comes back through the init as 128+N.
+	if err := syscall.Kill(sleepPid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(c)
+	_ = c.Close()
+	if r := wait(t, res, 30*time.Second); r.Reason != ptyio.ReasonExited || r.ExitCode != 128+int(syscall.SIGTERM) {
+		t.Errorf("result %v: want exited 143", r)
+	}
+	waitGone(t, sleepPid)
+}
+
+// childrenOf lists pid's children, forked by any of its threads.
+func childrenOf(pid int) []int {
+	var out []int
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, task := range tasks {
+		b, _ := os.ReadFile(task)
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	sort.Ints(out)
+	return out
+}

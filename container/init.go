@@ -1,0 +1,289 @@
+package container
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/attach-agent/attach-agent/ptyio"
+	"golang.org/x/sys/unix"
+)
+
+// Main runs the sandbox init, and never returns, when this process was
+// started as one; otherwise it returns at once. Call it first in main, and
+// in TestMain of tests that start sandboxes (their binary is the one
+// re-executed).
+func Main() {
+	if len(os.Args) != 2 || os.Args[1] != initArg {
+		return
+	}
+	os.Exit(runInit())
+}
+
+// runInit is PID 1 of a sandbox: set up its root, start the command, then
+// reap every process that ends up ours (orphans are re-parented to PID 1)
+// and forward signals, until the command exits; its status is ours. When
+// we exit, the kernel kills whatever is left in the namespace.
+func runInit() int {
+	// fds 3 and 4 came without close-on-exec (as every passed fd does):
+	// the command must not hold them, or the agent would never see the
+	// report end.
+	unix.CloseOnExec(3)
+	unix.CloseOnExec(4)
+	status := os.NewFile(4, "status")
+	report := func(st initStatus) {
+		_ = json.NewEncoder(status).Encode(st) // the agent reads it, or has gone
+		_ = status.Close()
+	}
+	var cfg initConfig
+	if err := json.NewDecoder(os.NewFile(3, "config")).Decode(&cfg); err != nil {
+		report(initStatus{Code: 125, Err: "sandbox init: read config: " + err.Error()})
+		return 125
+	}
+	// Signals are queued from before the command exists, so none is lost.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGCONT)
+
+	if err := setupSandbox(cfg); err != nil {
+		report(initStatus{Code: 125, Err: "sandbox: " + err.Error()})
+		return 125
+	}
+	child, err := startCommand(cfg)
+	if err != nil {
+		code := 125
+		var se *ptyio.SpawnError
+		if errors.As(err, &se) {
+			code, err = se.Code, se.Err // the agent names the command itself
+		}
+		report(initStatus{Code: code, Err: err.Error()})
+		return code
+	}
+	report(initStatus{OK: true})
+
+	go func() {
+		for s := range sigs {
+			_ = unix.Kill(-child, s.(syscall.Signal)) // the command's whole group; gone is fine
+		}
+	}()
+	return reap(child)
+}
+
+// reap waits for any child until child itself has exited.
+func reap(child int) int {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return 125 // no children left, and the command not seen: cannot happen
+		}
+		if pid != child {
+			continue // an orphan, reaped
+		}
+		if ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
+		return ws.ExitStatus()
+	}
+}
+
+func startCommand(cfg initConfig) (int, error) {
+	files := []*os.File{os.Stdin, os.Stdout, os.Stderr}
+	if cfg.TTY {
+		// Reopened by its name inside, so `tty` and ttyname(3) find it.
+		con, err := os.OpenFile("/dev/console", os.O_RDWR|unix.O_NOCTTY, 0)
+		if err != nil {
+			return 0, fmt.Errorf("open /dev/console: %w", err)
+		}
+		defer func() { _ = con.Close() }() // the command has its own copies
+		files = []*os.File{con, con, con}
+	}
+	if len(cfg.Argv) == 0 {
+		return 0, errors.New("empty command")
+	}
+	path, err := ptyio.LookPath(cfg.Argv[0], envValue(cfg.Env, "PATH"), cfg.Dir)
+	if err != nil {
+		return 0, err
+	}
+	p, err := os.StartProcess(path, cfg.Argv, &os.ProcAttr{
+		Dir: cfg.Dir, Env: cfg.Env, Files: files,
+		Sys: &syscall.SysProcAttr{Setsid: true, Setctty: cfg.TTY, Ctty: 0, Credential: cfg.Cred},
+	})
+	if err != nil {
+		return 0, &ptyio.SpawnError{Name: cfg.Argv[0], Code: 125, Err: err}
+	}
+	return p.Pid, nil
+}
+
+// setupSandbox makes the root, /proc, /dev, hostname, network and limits.
+// Every mount is made in the sandbox's own mount namespace, private from
+// the host's, so all of it goes away with the init.
+func setupSandbox(cfg initConfig) error {
+	r := cfg.Rootfs
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make mounts private: %w", err)
+	}
+	// pivot_root needs the new root to be a mount point.
+	if err := unix.Mount(r, r, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s: %w", r, err)
+	}
+	if err := mountAt(r, "proc", "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return err
+	}
+	if err := setupDev(r, cfg.TTY); err != nil {
+		return err
+	}
+	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
+		return fmt.Errorf("hostname: %w", err)
+	}
+	if cfg.NoNet {
+		if err := loopbackUp(); err != nil {
+			return err
+		}
+	}
+	// Stack the new root over the old one and detach the old: nothing of
+	// the host's filesystem stays reachable.
+	if err := unix.Chdir(r); err != nil {
+		return err
+	}
+	if err := unix.PivotRoot(".", "."); err != nil {
+		return fmt.Errorf("pivot_root %s: %w", r, err)
+	}
+	if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("detach the old root: %w", err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return err
+	}
+	return setLimits(cfg.Limits)
+}
+
+// setupDev is a small /dev: the usual character devices bound from the
+// host's, a devpts of the sandbox's own (so programs inside can open
+// ptys), /dev/shm, and the session's terminal as /dev/console.
+func setupDev(r string, tty bool) error {
+	if err := mountAt(r, "dev", "tmpfs", "tmpfs", unix.MS_NOSUID|unix.MS_STRICTATIME, "mode=755,size=1m"); err != nil {
+		return err
+	}
+	dev := filepath.Join(r, "dev")
+	for _, n := range []string{"null", "zero", "full", "random", "urandom", "tty"} {
+		if err := bindFile("/dev/"+n, filepath.Join(dev, n)); err != nil {
+			return err
+		}
+	}
+	if tty {
+		if err := bindConsole(filepath.Join(dev, "console")); err != nil {
+			return fmt.Errorf("the session's terminal: %w", err)
+		}
+	}
+	if err := mountAt(dev, "pts", "devpts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"); err != nil {
+		return err
+	}
+	if err := mountAt(dev, "shm", "tmpfs", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777,size=64m"); err != nil {
+		return err
+	}
+	for name, target := range map[string]string{
+		"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
+		"stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2",
+	} {
+		if err := os.Symlink(target, filepath.Join(dev, name)); err != nil {
+			return fmt.Errorf("/dev/%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// bindConsole binds the session's terminal, our stdin, onto target. A
+// bind needs a path in our own mount namespace (the fd's mount is the
+// agent's), so the terminal is found by its name in our copy of the
+// host's mounts, and checked to be the same device.
+func bindConsole(target string) error {
+	name, err := os.Readlink("/proc/self/fd/0")
+	if err != nil {
+		return err
+	}
+	var fdSt, nameSt unix.Stat_t
+	if err := unix.Fstat(0, &fdSt); err != nil {
+		return err
+	}
+	if err := unix.Stat(name, &nameSt); err != nil || nameSt.Rdev != fdSt.Rdev || fdSt.Mode&unix.S_IFMT != unix.S_IFCHR {
+		return fmt.Errorf("stdin (%s) is not a terminal found by its name", name)
+	}
+	return bindFile(name, target)
+}
+
+// mountAt mounts fstype on dir/name, creating the directory if missing.
+func mountAt(dir, name, source, fstype string, flags uintptr, data string) error {
+	target := filepath.Join(dir, name)
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return fmt.Errorf("mount point %s: %w", target, err)
+	}
+	if err := unix.Mount(source, target, fstype, flags, data); err != nil {
+		return fmt.Errorf("mount %s on %s: %w", fstype, target, err)
+	}
+	return nil
+}
+
+// bindFile binds the file src onto a new empty file at target.
+func bindFile(src, target string) error {
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY, 0o666)
+	if err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("create %s: %w", target, err)
+	}
+	if f != nil {
+		_ = f.Close()
+	}
+	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind %s on %s: %w", src, target, err)
+	}
+	return nil
+}
+
+// loopbackUp brings up lo in a new network namespace, where it starts
+// down.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	defer func() { _ = unix.Close(fd) }() // best effort
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("loopback flags: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("loopback up: %w", err)
+	}
+	return nil
+}
+
+// setLimits sets the rlimits the command inherits. syscall.Setrlimit, not
+// x/sys's, so the Go runtime keeps the NOFILE limit for the child instead
+// of restoring its own start-up value.
+func setLimits(l Limits) error {
+	for _, rl := range []struct {
+		name     string
+		resource int
+		n        uint64
+	}{{"nofile", syscall.RLIMIT_NOFILE, l.NoFile}, {"nproc", unix.RLIMIT_NPROC, l.NProc}} {
+		if rl.n == 0 {
+			continue
+		}
+		if err := syscall.Setrlimit(rl.resource, &syscall.Rlimit{Cur: rl.n, Max: rl.n}); err != nil {
+			return fmt.Errorf("limits.%s %d: %w", rl.name, rl.n, err)
+		}
+	}
+	return nil
+}

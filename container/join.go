@@ -1,0 +1,166 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"os/exec"
+	"runtime"
+
+	"github.com/attach-agent/attach-agent/ptyio"
+	"golang.org/x/sys/unix"
+)
+
+// joinOrder is the order namespaces are entered in: the mount namespace
+// last, since /proc paths change with it (every fd is opened before).
+var joinOrder = []struct {
+	name string
+	flag int
+}{
+	{"ipc", unix.CLONE_NEWIPC},
+	{"uts", unix.CLONE_NEWUTS},
+	{"net", unix.CLONE_NEWNET},
+	{"pid", unix.CLONE_NEWPID},
+	{"cgroup", unix.CLONE_NEWCGROUP},
+	{"mnt", unix.CLONE_NEWNS},
+}
+
+// joinLaunch starts a command inside the namespaces and root of process
+// pid. The agent is multi-threaded, and most namespaces are per thread: so
+// one OS thread, locked to a goroutine, enters them, chroots, looks the
+// program up inside and forks the command, which inherits that thread's
+// namespaces (the PID namespace as "for children"). The thread is never
+// unlocked, so Go discards it when the goroutine ends, and the runtime
+// never starts new threads from a locked one: nothing else runs inside.
+func joinLaunch(pid int) func(*exec.Cmd) error {
+	return func(cmd *exec.Cmd) error {
+		same, err := sameNS(pid, "user")
+		if err != nil {
+			return err
+		}
+		if !same {
+			// setns into a user namespace is refused to a multi-threaded
+			// process, which a Go program always is.
+			return fmt.Errorf("container: pid %d is in another user namespace: run the agent inside it to join", pid)
+		}
+		fds, err := openNS(pid)
+		if err != nil {
+			return err
+		}
+		defer closeAll(fds)
+		rootFd, err := unix.Open(fmt.Sprintf("/proc/%d/root", pid), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("container: pid %d: open its root: %w", pid, err)
+		}
+		defer func() { _ = unix.Close(rootFd) }() // best effort
+
+		return onFreshThread(func() error { return startInside(cmd, fds, rootFd, pid) })
+	}
+}
+
+// onFreshThread runs fn on an OS thread of its own that is discarded
+// afterwards, never the main thread: that one cannot be discarded (Go
+// would park it for good, in the container's namespaces, and /proc/self
+// names the main thread's view). If the goroutine lands on the main
+// thread, it keeps it locked while a second goroutine, which then cannot
+// land there, does the work.
+func onFreshThread(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if unix.Gettid() != unix.Getpid() {
+			errc <- fn() // never unlocked: see joinLaunch
+			return
+		}
+		defer runtime.UnlockOSThread() // unchanged: it goes back to the pool
+		inner := make(chan error, 1)
+		go func() {
+			runtime.LockOSThread()
+			inner <- fn() // never unlocked: see joinLaunch
+		}()
+		errc <- <-inner
+	}()
+	return <-errc
+}
+
+func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int) error {
+	// The thread's root and cwd are shared with the whole process until
+	// this; setns into a mount namespace also requires it.
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return fmt.Errorf("container: unshare fs: %w", err)
+	}
+	for i, fd := range fds {
+		if fd < 0 {
+			continue // already shared with the agent
+		}
+		if err := unix.Setns(fd, joinOrder[i].flag); err != nil {
+			return fmt.Errorf("container: pid %d: enter its %s namespace: %w", pid, joinOrder[i].name, err)
+		}
+	}
+	if err := unix.Fchdir(rootFd); err != nil {
+		return fmt.Errorf("container: pid %d: enter its root: %w", pid, err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("container: pid %d: chroot: %w", pid, err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return fmt.Errorf("container: pid %d: chdir /: %w", pid, err)
+	}
+	path, err := ptyio.LookPath(cmd.Args[0], envValue(cmd.Env, "PATH"), cmd.Dir)
+	if err != nil {
+		return err
+	}
+	cmd.Path = path
+	return cmd.Start()
+}
+
+// openNS opens pid's namespaces in joinOrder; -1 for one the agent is
+// already in (entering it again is harmless but needs no privilege).
+func openNS(pid int) ([]int, error) {
+	fds := make([]int, len(joinOrder))
+	for i := range fds {
+		fds[i] = -1
+	}
+	for i, ns := range joinOrder {
+		same, err := sameNS(pid, ns.name)
+		if err != nil {
+			closeAll(fds)
+			return nil, err
+		}
+		if same {
+			continue
+		}
+		fd, err := unix.Open(fmt.Sprintf("/proc/%d/ns/%s", pid, ns.name), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			closeAll(fds)
+			return nil, fmt.Errorf("container: pid %d: open its %s namespace: %w", pid, ns.name, err)
+		}
+		fds[i] = fd
+	}
+	return fds, nil
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		if fd >= 0 {
+			_ = unix.Close(fd) // best effort
+		}
+	}
+}
+
+// sameNS reports whether pid is in the agent's own namespace of kind name.
+func sameNS(pid int, name string) (bool, error) {
+	var mine, theirs unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/"+name, &mine); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return true, nil // a kernel without this namespace kind
+		}
+		return false, fmt.Errorf("container: own %s namespace: %w", name, err)
+	}
+	if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/%s", pid, name), &theirs); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, checkTarget(pid)
+		}
+		return false, fmt.Errorf("container: pid %d: %s namespace: %w", pid, name, err)
+	}
+	return mine.Dev == theirs.Dev && mine.Ino == theirs.Ino, nil
+}

@@ -1,0 +1,132 @@
+package container
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"syscall"
+	"time"
+
+	"github.com/attach-agent/attach-agent/ptyio"
+)
+
+// initArg, as the first argument, makes the agent's binary the sandbox
+// init (see Main).
+const initArg = "__sandbox-init"
+
+// initSetupTimeout bounds the init's setup, from its start to the
+// command's.
+const initSetupTimeout = 10 * time.Second
+
+// initConfig is what the agent tells its init through fd 3.
+type initConfig struct {
+	Argv     []string
+	Env      []string
+	Dir      string
+	Rootfs   string
+	Hostname string
+	NoNet    bool
+	TTY      bool
+	Limits   Limits
+	Cred     *syscall.Credential
+}
+
+// initStatus is the init's one report through fd 4: the command started,
+// or why not, with the shell's code (127 not found, 126 not executable,
+// 125 otherwise).
+type initStatus struct {
+	OK   bool
+	Code int
+	Err  string
+}
+
+// sandboxLaunch starts the agent's own binary as the init of new
+// namespaces; the init sets up the root, /proc and /dev and starts the
+// command as its child. The command's tty (or pipes) go to the init as its
+// stdio; the init gives them to the command, which takes the tty as its
+// controlling terminal (the init must not: a non-root command could not
+// take it over).
+func sandboxLaunch(s Spec, cg *cgroup) func(*exec.Cmd) error {
+	return func(cmd *exec.Cmd) error {
+		attr := cmd.SysProcAttr
+		cfg := initConfig{
+			Argv: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Rootfs: s.Rootfs, Hostname: s.Hostname,
+			NoNet: s.Network == NetworkNone, TTY: attr.Setctty, Limits: s.Limits, Cred: attr.Credential,
+		}
+		if cfg.Hostname == "" {
+			cfg.Hostname = DefaultHostname
+		}
+		cfgR, cfgW, err := os.Pipe()
+		if err != nil {
+			return err
+		}
+		defer func() { _ = cfgW.Close() }() // best effort: closed below on success
+		statR, statW, err := os.Pipe()
+		if err != nil {
+			_ = cfgR.Close()
+			return err
+		}
+		defer func() { _ = statR.Close() }() // best effort
+
+		cmd.Path = "/proc/self/exe" // the running binary, even if replaced on disk since
+		cmd.Args = []string{"attach-agent", initArg}
+		cmd.Env = []string{}
+		cmd.Dir = "" // the command's, inside; the init starts where the agent is
+		cmd.ExtraFiles = []*os.File{cfgR, statW}
+		attr.Credential = nil // the init needs root to mount; the command gets the credential
+		attr.Setctty = false
+		attr.Cloneflags |= syscall.CLONE_NEWPID | syscall.CLONE_NEWNS | syscall.CLONE_NEWUTS | syscall.CLONE_NEWIPC
+		if cfg.NoNet {
+			attr.Cloneflags |= syscall.CLONE_NEWNET
+		}
+		err = cmd.Start()
+		_, _ = cfgR.Close(), statW.Close() // the init's ends
+		if err != nil {
+			return fmt.Errorf("start sandbox init: %w", err)
+		}
+		// Into the cgroup before the init reads its config, so the command
+		// and all it forks are counted.
+		if err := cg.add(cmd.Process.Pid); err != nil {
+			return abortInit(cmd, err)
+		}
+		if err := json.NewEncoder(cfgW).Encode(cfg); err != nil {
+			return abortInit(cmd, fmt.Errorf("configure sandbox init: %w", err))
+		}
+		_ = cfgW.Close()
+		st, err := readStatus(statR)
+		if err != nil {
+			return abortInit(cmd, err)
+		}
+		if !st.OK {
+			_ = cmd.Wait() // the init exits after reporting
+			return &ptyio.SpawnError{Name: cfg.Argv[0], Code: st.Code, Err: errors.New(st.Err)}
+		}
+		return nil
+	}
+}
+
+func readStatus(r *os.File) (initStatus, error) {
+	var st initStatus
+	_ = r.SetReadDeadline(time.Now().Add(initSetupTimeout)) // a pipe: not always pollable; best effort
+	// One JSON object: not up to EOF, which a stray copy of the pipe
+	// could hold off.
+	err := json.NewDecoder(io.LimitReader(r, 64<<10)).Decode(&st)
+	switch {
+	case errors.Is(err, io.EOF):
+		return st, errors.New("sandbox init: exited without a report")
+	case err != nil:
+		return st, fmt.Errorf("sandbox init: report: %w", err)
+	}
+	return st, nil
+}
+
+// abortInit kills and reaps an init that cannot go on: it is PID 1 of its
+// namespace, so everything in there goes with it.
+func abortInit(cmd *exec.Cmd, err error) error {
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	return err
+}
