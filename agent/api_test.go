@@ -331,7 +331,7 @@ func waitFor(t *testing.T, cond func() bool) {
 // as nobody inside a running container.
 func TestAPIUserAndContainer(t *testing.T) {
 	needRoot(t)
-	pid := startContainer(t, "api-dyno")
+	pid := startContainer(t, "api-dyno", false)
 	d := newDaemon(t, agent.ManagerConfig{})
 	id := d.post(t, "api-ctr-1", fmt.Sprintf(`"command": "echo $(id -un) on $(hostname)", "tty": false, "user": "nobody", "container": {"pid": %d}`, pid))
 	c := d.attach(t, "api-ctr-1")

@@ -156,24 +156,54 @@ func TestAgentEnvironmentDoesNotLeak(t *testing.T) {
 
 // startContainer starts a "container": a process in new UTS, PID and mount
 // namespaces (with its own /proc) and its own hostname, and returns the
-// pid of its PID 1 once that has set the hostname.
-func startContainer(t *testing.T, hostname string) int {
+// pid of its PID 1 once that has set the hostname. With userns, all of it
+// is in a user namespace of its own that maps root to root and every
+// other id to 100000 more (as rootless containers do).
+func startContainer(t *testing.T, hostname string, userns bool) int {
 	t.Helper()
-	cmd := exec.Command("unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc",
-		"sh", "-c", `hostname "$0" && exec sleep 300`, hostname)
+	inner := []string{"unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc",
+		"sh", "-c", `hostname "$0" && exec sleep 300`, hostname}
+	args := inner
+	if userns {
+		// The inner unshare waits until the test has written the maps.
+		args = []string{"unshare", "--user", "sh", "-c",
+			`while [ -z "$(cat /proc/self/uid_map)" ]; do sleep 0.01; done; exec "$@"`, "sh"}
+		args = append(args, inner...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	outer := cmd.Process.Pid
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill() // unshare; its child, PID 1 there, is killed below
 		_ = cmd.Wait()
 	})
 	deadline := time.Now().Add(10 * time.Second)
+	if userns {
+		own, _ := os.Readlink("/proc/self/ns/user")
+		for {
+			if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/user", outer)); err == nil && ns != own {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no user namespace")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		for _, m := range []string{"gid_map", "uid_map"} {
+			if err := os.WriteFile(fmt.Sprintf("/proc/%d/%s", outer, m), []byte("0 0 1\n1 100001 65535\n"), 0); err != nil {
+				t.Fatalf("%s: %v", m, err)
+			}
+		}
+	}
+	ownUTS, _ := os.Readlink("/proc/self/ns/uts")
 	for time.Now().Before(deadline) {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
-		if f := strings.Fields(string(b)); len(f) == 1 {
-			pid, _ := strconv.Atoi(f[0])
-			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); string(comm) == "sleep\n" {
+		if f := childrenOf(outer); len(f) == 1 {
+			pid := f[0]
+			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+			uts, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/uts", pid))
+			if string(comm) == "sleep\n" && uts != ownUTS { // not the wait loop's sleep
 				t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL); waitGone(t, pid) })
 				return pid
 			}
@@ -186,7 +216,7 @@ func startContainer(t *testing.T, hostname string) int {
 
 func TestJoinRunningContainer(t *testing.T) {
 	needRoot(t)
-	pid := startContainer(t, "dyno-web-1")
+	pid := startContainer(t, "dyno-web-1", false)
 	host, _ := os.Hostname()
 	h := newHarness(t, nil)
 	out, r := runSession(t, h, agent.Spec{
@@ -218,6 +248,30 @@ func TestJoinRunningContainer(t *testing.T) {
 	}
 }
 
+// A container in its own user namespace is joined through nsenter.
+func TestJoinUserNamespace(t *testing.T) {
+	needRoot(t)
+	pid := startContainer(t, "rootless-1", true)
+	h := newHarness(t, nil)
+	for _, tc := range []struct{ user, want string }{
+		{"", "uid=0(root) gid=0(root)"},
+		{"nobody", "uid=65534(nobody) gid=65534(nogroup)"},
+	} {
+		out, r := runSession(t, h, agent.Spec{
+			Container: container.Spec{PID: pid}, User: tc.user,
+			Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) pwd=$(pwd)"; id; cat /proc/self/uid_map`), TTY: true},
+		})
+		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+			t.Fatalf("result %v, output %q", r, out)
+		}
+		for _, want := range []string{"host=rootless-1 pid1=sleep pwd=/", tc.want, "1     100001      65535"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("user %q: want %q in %q", tc.user, want, out)
+			}
+		}
+	}
+}
+
 func TestJoinErrors(t *testing.T) {
 	needRoot(t)
 	h := newHarness(t, nil)
@@ -231,7 +285,7 @@ func TestJoinErrors(t *testing.T) {
 		t.Errorf("result %v, client saw %q: want spawn_failed naming the missing process", r, out)
 	}
 	// A program missing inside the container: 127, as a shell says it.
-	pid := startContainer(t, "c2")
+	pid := startContainer(t, "c2", false)
 	out, r = runSession(t, h, agent.Spec{
 		Container: container.Spec{PID: pid},
 		Process:   ptyio.Spec{Argv: []string{"/no/such/program"}, TTY: true},

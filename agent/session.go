@@ -208,6 +208,12 @@ func logResult(log *slog.Logger, spec Spec, r Result) {
 	if r.Signal != 0 {
 		attrs = append(attrs, "signal", r.Signal.String())
 	}
+	if spec.User != "" {
+		attrs = append(attrs, "user", spec.User)
+	}
+	if !spec.Container.IsZero() {
+		attrs = append(attrs, "container", spec.Container.String())
+	}
 	if r.Err != nil {
 		attrs = append(attrs, "err", r.Err.Error())
 	}

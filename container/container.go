@@ -103,6 +103,17 @@ func validHostname(h string) error {
 	return nil
 }
 
+// String names the place for logs: "host", "pid N" or "rootfs DIR".
+func (s Spec) String() string {
+	switch {
+	case s.PID != 0:
+		return fmt.Sprintf("pid %d", s.PID)
+	case s.Rootfs != "":
+		return "rootfs " + s.Rootfs
+	}
+	return "host"
+}
+
 // Root is the directory, as the agent sees it, that the command will see
 // as "/": where its passwd file and its program are looked up.
 func (s Spec) Root() string {
@@ -170,8 +181,14 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 		if err != nil {
 			return release, err
 		}
-		p.Launch = sandboxLaunch(s, cg)
-		release = cg.remove
+		var lifeline *os.File
+		p.Launch = sandboxLaunch(s, cg, &lifeline)
+		release = func() {
+			if lifeline != nil {
+				_ = lifeline.Close() // the init is gone by now; if not, this ends it
+			}
+			cg.remove()
+		}
 	}
 	return release, nil
 }

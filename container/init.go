@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/signal"
@@ -41,7 +42,8 @@ func runInit() int {
 		_ = status.Close()
 	}
 	var cfg initConfig
-	if err := json.NewDecoder(os.NewFile(3, "config")).Decode(&cfg); err != nil {
+	cfgFile := os.NewFile(3, "config")
+	if err := json.NewDecoder(cfgFile).Decode(&cfg); err != nil {
 		report(initStatus{Code: 125, Err: "sandbox init: read config: " + err.Error()})
 		return 125
 	}
@@ -65,6 +67,14 @@ func runInit() int {
 		return code
 	}
 	report(initStatus{OK: true})
+
+	go func() {
+		// The lifeline (see sandboxLaunch): nothing more comes on it but
+		// its end, when the agent is done or gone.
+		_, _ = io.Copy(io.Discard, cfgFile)
+		_ = unix.Kill(-child, unix.SIGKILL)
+		os.Exit(128 + int(unix.SIGKILL)) // as PID 1: the kernel kills the rest
+	}()
 
 	go func() {
 		for s := range sigs {

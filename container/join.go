@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 
 	"github.com/attach-agent/attach-agent/ptyio"
@@ -38,9 +39,7 @@ func joinLaunch(pid int) func(*exec.Cmd) error {
 			return err
 		}
 		if !same {
-			// setns into a user namespace is refused to a multi-threaded
-			// process, which a Go program always is.
-			return fmt.Errorf("container: pid %d is in another user namespace: run the agent inside it to join", pid)
+			return nsenterStart(cmd, pid)
 		}
 		fds, err := openNS(pid)
 		if err != nil {
@@ -163,4 +162,36 @@ func sameNS(pid int, name string) (bool, error) {
 		return false, fmt.Errorf("container: pid %d: %s namespace: %w", pid, name, err)
 	}
 	return mine.Dev == theirs.Dev && mine.Ino == theirs.Ino, nil
+}
+
+// nsenterStart joins a container in another user namespace through
+// util-linux's nsenter: setns into a user namespace is refused to a
+// multi-threaded process, which a Go program always is, and nsenter is a
+// single-threaded C program that does it before exec. Its limits: the
+// command gets the user's primary group only (nsenter clears supplementary
+// groups), and a missing program is reported by nsenter on the terminal
+// (status 126/127) rather than as a spawn error.
+func nsenterStart(cmd *exec.Cmd, pid int) error {
+	nsenter, err := exec.LookPath("nsenter")
+	if err != nil {
+		return fmt.Errorf("container: pid %d is in another user namespace, which needs util-linux's nsenter to join: install it (package util-linux)", pid)
+	}
+	args := []string{"nsenter", "--target", fmt.Sprint(pid),
+		"--user", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup", "--root"}
+	if cmd.Dir != "" {
+		// Opened by nsenter before it enters the namespaces: so the path
+		// is the container's directory as the agent sees it.
+		args = append(args, "--wd="+filepath.Join(fmt.Sprintf("/proc/%d/root", pid), cmd.Dir))
+	}
+	attr := cmd.SysProcAttr
+	if c := attr.Credential; c != nil {
+		args = append(args, "--setuid", fmt.Sprint(c.Uid), "--setgid", fmt.Sprint(c.Gid))
+		attr.Credential = nil // nsenter needs root to enter; it switches after
+	}
+	// Without a user, nsenter makes the command root inside, as the agent
+	// is outside.
+	cmd.Path = nsenter
+	cmd.Args = append(append(args, "--"), cmd.Args...)
+	cmd.Dir = ""
+	return cmd.Start()
 }

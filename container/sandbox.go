@@ -49,7 +49,12 @@ type initStatus struct {
 // stdio; the init gives them to the command, which takes the tty as its
 // controlling terminal (the init must not: a non-root command could not
 // take it over).
-func sandboxLaunch(s Spec, cg *cgroup) func(*exec.Cmd) error {
+//
+// The config pipe stays open as the init's lifeline: the agent closes it
+// in release, after the session, and the kernel closes it if the agent
+// dies; either way the init reads EOF and takes the sandbox down with it,
+// so an agent that crashed leaves no sandbox running unattended.
+func sandboxLaunch(s Spec, cg *cgroup, lifeline **os.File) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
 		attr := cmd.SysProcAttr
 		cfg := initConfig{
@@ -63,7 +68,12 @@ func sandboxLaunch(s Spec, cg *cgroup) func(*exec.Cmd) error {
 		if err != nil {
 			return err
 		}
-		defer func() { _ = cfgW.Close() }() // best effort: closed below on success
+		keep := false
+		defer func() {
+			if !keep {
+				_ = cfgW.Close() // best effort
+			}
+		}()
 		statR, statW, err := os.Pipe()
 		if err != nil {
 			_ = cfgR.Close()
@@ -95,7 +105,6 @@ func sandboxLaunch(s Spec, cg *cgroup) func(*exec.Cmd) error {
 		if err := json.NewEncoder(cfgW).Encode(cfg); err != nil {
 			return abortInit(cmd, fmt.Errorf("configure sandbox init: %w", err))
 		}
-		_ = cfgW.Close()
 		st, err := readStatus(statR)
 		if err != nil {
 			return abortInit(cmd, err)
@@ -104,6 +113,7 @@ func sandboxLaunch(s Spec, cg *cgroup) func(*exec.Cmd) error {
 			_ = cmd.Wait() // the init exits after reporting
 			return &ptyio.SpawnError{Name: cfg.Argv[0], Code: st.Code, Err: errors.New(st.Err)}
 		}
+		keep, *lifeline = true, cfgW
 		return nil
 	}
 }

@@ -1,27 +1,34 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
-func TestMain(m *testing.M) { leakcheck.Main(m) }
+func TestMain(m *testing.M) {
+	container.Main() // this binary is re-executed as the sandbox init
+	leakcheck.Main(m)
+}
 
 type syncBuf struct {
 	mu sync.Mutex
@@ -96,6 +103,13 @@ func TestBadInput(t *testing.T) {
 		{[]string{"attach", "--dial-timeout", "-1s", url, "--", "true"}, "dial timeout is negative"},
 		{[]string{"attach", "--stall-timeout", "-1s", url, "--", "true"}, "stall timeout is negative"},
 		{[]string{"attach", "--bogus", url, "--", "true"}, "flag provided but not defined: -bogus"},
+		{[]string{"attach", "--user", "a b", url, "--", "true"}, `--user "a b": a name or number`},
+		{[]string{"attach", "--user", "app:", url, "--", "true"}, `--user "app:": want NAME, UID`},
+		{[]string{"attach", "--container-pid", "1", "--rootfs", "/srv/r", url, "--", "true"}, "give pid (join a running container) or rootfs"},
+		{[]string{"attach", "--rootfs", "relative", url, "--", "true"}, `rootfs "relative": want an absolute path`},
+		{[]string{"attach", "--rootfs", "/srv/r", "--network", "bridge", url, "--", "true"}, `network "bridge": want "host" or "none"`},
+		{[]string{"attach", "--hostname", "h", url, "--", "true"}, "hostname, network and limits are for a sandbox: give rootfs too"},
+		{[]string{"attach", "--rootfs", "/srv/r", "--limit-pids", "-1", url, "--", "true"}, "must not be negative"},
 		{[]string{"connect"}, "want exactly one ATTACH_URL"},
 		{[]string{"connect", "rendezvous://h:99999/s"}, `bad port "99999"`},
 		{[]string{"rendezvous"}, "say how to serve"},
@@ -239,6 +253,19 @@ func TestAttachAgentFailuresExit125(t *testing.T) {
 	}
 }
 
+// The demo in a sandbox: `demo --rootfs` as the README shows it, with a
+// static busybox as the root's only program.
+func TestDemoInASandbox(t *testing.T) {
+	root := busyboxRoot(t)
+	var out, errb syncBuf
+	code := run(context.Background(), []string{"demo", "--no-tty", "--rootfs", root, "--hostname", "demo-box", "--limit-pids", "64", "--",
+		"/bin/sh", "-c", "cat; hostname; cat /proc/1/cmdline; exit 4"},
+		stdio{strings.NewReader("in the box\n"), &out, &errb})
+	if code != 4 || out.String() != "in the box\ndemo-box\nattach-agent\x00__sandbox-init\x00" {
+		t.Fatalf("demo: exit %d, out %q, stderr %q", code, out.String(), errb.String())
+	}
+}
+
 func TestDemoRunsACommand(t *testing.T) {
 	var out, errb syncBuf
 	code := run(context.Background(), []string{"demo", "--no-tty", "--", "sh", "-c", "cat; echo bye; exit 5"},
@@ -246,4 +273,94 @@ func TestDemoRunsACommand(t *testing.T) {
 	if code != 5 || out.String() != "through the relay\nbye\n" {
 		t.Fatalf("demo: exit %d, out %q, stderr %q", code, out.String(), errb.String())
 	}
+}
+
+// busyboxRoot is a root filesystem with a static busybox as its only
+// program (as root; skipped otherwise).
+func busyboxRoot(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("busybox is missing: .ci/run installs busybox-static")
+		}
+		t.Skip("needs a static busybox: apt-get install busybox-static")
+	}
+	root := t.TempDir()
+	if out, err := exec.Command("sh", "-c", `mkdir -p "$1/bin" && cp "$2" "$1/bin/busybox" && for a in sh hostname cat sleep echo; do ln -s busybox "$1/bin/$a"; done`,
+		"sh", root, bb).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	return root
+}
+
+// An agent that dies (SIGKILL: no cleanup of its own) takes its sandbox
+// with it: the init's lifeline ends and nothing is left running.
+func TestSandboxDiesWithTheAgent(t *testing.T) {
+	root := busyboxRoot(t)
+	bin := buildAgent(t)
+	relay := relaytest.Start(t, nil)
+	u := relay.URL("lifeline")
+	cmd := exec.Command(bin, "attach", "--ca", relay.CAFile(t), "--rootfs", root, "--no-tty",
+		"rendezvous://"+u.Addr()+"/lifeline", "--", "/bin/sh", "-c", "echo ready; exec sleep 300")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	c, err := tlsdial.Dial(context.Background(), u, relay.Dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Pair(context.Background(), u.Secret, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || line != "ready\n" {
+		t.Fatalf("read %q, %v", line, err)
+	}
+	var sandbox []int // the init and the sleep, by their host pids
+	for _, p := range descendants(cmd.Process.Pid) {
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); strings.Contains(string(b), "sandbox-init") || strings.HasPrefix(string(b), "sleep") {
+			sandbox = append(sandbox, p)
+		}
+	}
+	if len(sandbox) != 2 {
+		t.Fatalf("sandbox processes %v: want the init and the sleep", sandbox)
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, p := range sandbox {
+		for syscall.Kill(p, 0) == nil {
+			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p)); strings.Contains(string(b), ") Z ") {
+				break // dead, waiting for a reaper that is not us
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("sandbox process %d outlived the agent", p)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// descendants lists pid's children, theirs, and so on.
+func descendants(pid int) []int {
+	var out []int
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, task := range tasks {
+		b, _ := os.ReadFile(task)
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+				out = append(out, descendants(c)...)
+			}
+		}
+	}
+	return out
 }

@@ -1,0 +1,88 @@
+package container
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/ptyio"
+)
+
+func TestMain(m *testing.M) { leakcheck.Main(m) }
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		s    Spec
+		want string // "" for valid
+	}{
+		{Spec{}, ""},
+		{Spec{PID: 42}, ""},
+		{Spec{Rootfs: "/srv/r", Hostname: "run.1-a", Network: NetworkNone, Limits: Limits{Pids: 10, Memory: 1 << 20, NoFile: 64}}, ""},
+		{Spec{PID: 1, Rootfs: "/srv/r"}, "not both"},
+		{Spec{PID: -3}, "want a process id above 0"},
+		{Spec{Hostname: "h"}, "give rootfs too"},
+		{Spec{PID: 7, Network: "none"}, "give rootfs too"},
+		{Spec{Limits: Limits{Pids: 1}}, "give rootfs too"},
+		{Spec{Rootfs: "srv/r"}, "want an absolute path"},
+		{Spec{Rootfs: "/"}, "needs its own root directory"},
+		{Spec{Rootfs: "/srv/../"}, "needs its own root directory"},
+		{Spec{Rootfs: "/srv/r", Hostname: strings.Repeat("h", 65)}, "longer than 64"},
+		{Spec{Rootfs: "/srv/r", Hostname: "a_b"}, "only letters, digits"},
+		{Spec{Rootfs: "/srv/r", Network: "bridge"}, `want "host" or "none"`},
+		{Spec{Rootfs: "/srv/r", Limits: Limits{Memory: -1}}, "must not be negative"},
+	} {
+		err := tc.s.Validate()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%+v: %v, want %q", tc.s, err, tc.want)
+		}
+	}
+}
+
+func TestShellAndRoot(t *testing.T) {
+	root := t.TempDir()
+	s := Spec{Rootfs: root}
+	if got := s.Shell(); got != "sh" {
+		t.Errorf("no bash in the root: shell %q, want sh", got)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "usr/bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "usr/bin/bash"), nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Shell(); got != "bash" {
+		t.Errorf("bash in the root: shell %q", got)
+	}
+	if got := (Spec{PID: 12}).Root(); got != "/proc/12/root" {
+		t.Errorf("join root %q", got)
+	}
+}
+
+// Apply fails before anything starts, with the way out in the message.
+func TestApplyErrors(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		s    Spec
+		user string
+		want string
+	}{
+		{Spec{PID: 1 << 30}, "", "no such process: give the pid of a process in the running container"},
+		{Spec{Rootfs: file}, "", "not a directory"},
+		{Spec{Rootfs: t.TempDir()}, "app", "no such file"}, // no etc/passwd in the root
+	} {
+		p := ptyio.Spec{Argv: []string{"true"}}
+		release, err := Apply(tc.s, tc.user, &p)
+		release()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v %q: %v, want %q", tc.s, tc.user, err, tc.want)
+		}
+		if p.Launch != nil || p.SysProcAttr != nil {
+			t.Errorf("%+v: a failed Apply changed the spec", tc.s)
+		}
+	}
+}
