@@ -481,6 +481,11 @@ func TestSandboxErrors(t *testing.T) {
 	if err := os.WriteFile(notDir, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// A root whose /proc is a file: the init's own setup fails.
+	broken := buildRootfs(t)
+	if err := os.WriteFile(filepath.Join(broken, "proc"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	before := sandboxLeftovers(t)
 	h := newHarness(t, nil)
 	for _, tc := range []struct {
@@ -495,6 +500,7 @@ func TestSandboxErrors(t *testing.T) {
 		{"not executable", container.Spec{Rootfs: root}, "", []string{"/etc/passwd"}, 126, "not executable"},
 		{"rootfs not a directory", container.Spec{Rootfs: notDir}, "", []string{"/bin/sh"}, 125, "not a directory"},
 		{"user missing inside", container.Spec{Rootfs: root}, "nobody", []string{"/bin/sh"}, 125, "no such user"},
+		{"setup fails inside", container.Spec{Rootfs: broken, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/sh"}, 125, "sandbox: mount point"},
 		{"bad hostname", container.Spec{Rootfs: root, Hostname: "bad host"}, "", []string{"/bin/sh"}, 125, "hostname"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
