@@ -21,7 +21,7 @@ import (
 
 // needRoot skips a test that needs root (namespaces, other users); CI runs
 // as root, so there it always runs.
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
@@ -30,7 +30,7 @@ func needRoot(t *testing.T) {
 
 // runSession runs spec through the relay with a client that sends nothing,
 // and returns the client's output (CR LF turned into LF) and the result.
-func runSession(t *testing.T, h *harness, spec agent.Spec) (string, agent.Result) {
+func runSession(t testing.TB, h *harness, spec agent.Spec) (string, agent.Result) {
 	t.Helper()
 	u, res := h.session(t, spec)
 	c := h.client(t, u)
@@ -159,7 +159,7 @@ func TestAgentEnvironmentDoesNotLeak(t *testing.T) {
 // pid of its PID 1 once that has set the hostname. With userns, all of it
 // is in a user namespace of its own that maps root to root and every
 // other id to 100000 more (as rootless containers do).
-func startContainer(t *testing.T, hostname string, userns bool) int {
+func startContainer(t testing.TB, hostname string, userns bool) int {
 	t.Helper()
 	inner := []string{"unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc",
 		"sh", "-c", `hostname "$0" && exec sleep 300`, hostname}
@@ -300,7 +300,7 @@ func TestJoinErrors(t *testing.T) {
 
 // buildRootfs makes a minimal root filesystem: a statically linked busybox
 // with its applets, and passwd and group files of its own.
-func buildRootfs(t *testing.T) string {
+func buildRootfs(t testing.TB) string {
 	t.Helper()
 	bb, err := exec.LookPath("busybox")
 	if err != nil {
@@ -347,7 +347,7 @@ func buildRootfs(t *testing.T) string {
 
 // mounts is the host's mount table, to show that a sandbox leaves nothing
 // mounted.
-func mounts(t *testing.T) string {
+func mounts(t testing.TB) string {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
@@ -411,7 +411,7 @@ stty size; kill %1 && echo "job control ok"`
 
 // sandboxLeftovers lists what a sandbox may leave on the host: child
 // processes of ours, mounts and cgroups.
-func sandboxLeftovers(t *testing.T) string {
+func sandboxLeftovers(t testing.TB) string {
 	t.Helper()
 	var groups []string
 	for _, c := range []string{"pids", "memory", "unified", ""} {
@@ -457,7 +457,7 @@ func TestSandboxPidsLimit(t *testing.T) {
 }
 
 // waitLeftovers waits (bounded) until the host is as before.
-func waitLeftovers(t *testing.T, before string) {
+func waitLeftovers(t testing.TB, before string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {

@@ -38,7 +38,7 @@ type harness struct {
 	n     atomic.Int64
 }
 
-func newHarness(t *testing.T, r *rendezvous.Relay) *harness {
+func newHarness(t testing.TB, r *rendezvous.Relay) *harness {
 	t.Helper()
 	e := relaytest.Start(t, r)
 	return &harness{relay: e.Relay, port: e.Port, dial: e.Dial}
@@ -51,7 +51,7 @@ func (h *harness) url() tlsdial.URL {
 // session starts agent.Run for spec (URL and Dial filled in when empty)
 // and returns its URL and a channel with its result. The test waits for
 // the result before it ends.
-func (h *harness) session(t *testing.T, spec agent.Spec) (tlsdial.URL, <-chan agent.Result) {
+func (h *harness) session(t testing.TB, spec agent.Spec) (tlsdial.URL, <-chan agent.Result) {
 	t.Helper()
 	if spec.URL.Secret == "" {
 		spec.URL = h.url()
@@ -71,7 +71,7 @@ func (h *harness) session(t *testing.T, spec agent.Spec) (tlsdial.URL, <-chan ag
 }
 
 // client dials and pairs as the user's side.
-func (h *harness) client(t *testing.T, u tlsdial.URL) *tlsdial.Conn {
+func (h *harness) client(t testing.TB, u tlsdial.URL) *tlsdial.Conn {
 	t.Helper()
 	c, err := tlsdial.Dial(context.Background(), u, h.dial)
 	if err != nil {
@@ -86,7 +86,7 @@ func (h *harness) client(t *testing.T, u tlsdial.URL) *tlsdial.Conn {
 	return c
 }
 
-func wait(t *testing.T, res <-chan agent.Result, within time.Duration) agent.Result {
+func wait(t testing.TB, res <-chan agent.Result, within time.Duration) agent.Result {
 	t.Helper()
 	select {
 	case r := <-res:
@@ -138,7 +138,7 @@ func gone(pid int) bool {
 	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
 }
 
-func waitGone(t *testing.T, pid int) {
+func waitGone(t testing.TB, pid int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !gone(pid) {
