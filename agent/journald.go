@@ -9,6 +9,9 @@ import (
 	"github.com/coreos/go-systemd/v22/journal"
 )
 
+// SyslogIdentifier tags every journal entry, for `journalctl -t`.
+const SyslogIdentifier = "attach-agent"
+
 // JournalSender sends one journal entry (journal.Send's shape), so tests
 // can inject a fake.
 type JournalSender func(message string, priority journal.Priority, fields map[string]string) error
@@ -54,6 +57,9 @@ func (h *JournalHandler) Handle(_ context.Context, r slog.Record) error {
 		add(h.prefix, a)
 	}
 	r.Attrs(func(a slog.Attr) bool { add(h.prefix, a); return true })
+	if _, ok := fields["SYSLOG_IDENTIFIER"]; !ok {
+		fields["SYSLOG_IDENTIFIER"] = SyslogIdentifier // journalctl -t attach-agent
+	}
 	return h.send(r.Message, priority(r.Level), fields)
 }
 
