@@ -4,6 +4,7 @@
 //
 //	go run ./bench                 # everything, default sizes
 //	go run ./bench -download 64    # smaller download (MiB)
+//	go run ./bench -rounds 5       # more rounds of download and echo-bulk
 //
 // The agents run as child processes (this binary re-executed), so their
 // CPU time and peak RSS are theirs alone; the relay and the client run here.
@@ -40,14 +41,21 @@ import (
 
 func main() {
 	if len(os.Args) > 1 && (os.Args[1] == "agent" || os.Args[1] == "ref") {
-		os.Exit(child(os.Args[1], os.Args[2:]))
+		code := child(os.Args[1], os.Args[2:])
+		fmt.Printf("vmhwm_kib %d\n", vmHWM())
+		os.Exit(code)
 	}
 	downloadMiB := flag.Int("download", 256, "MiB the command writes in the download test")
 	echoMiB := flag.Int("echo", 64, "MiB echoed through cat in the echo-bulk test")
 	trips := flag.Int("trips", 2000, "one-byte round trips in the latency test")
 	setups := flag.Int("setups", 20, "sessions in the setup test")
+	rounds := flag.Int("rounds", 3, "rounds of the download and echo-bulk tests (medians are reported)")
 	flag.Parse()
-	if err := bench(*downloadMiB, *echoMiB, *trips, *setups); err != nil {
+	if *rounds < 1 {
+		fmt.Fprintln(os.Stderr, "bench: -rounds must be at least 1")
+		os.Exit(2)
+	}
+	if err := bench(*downloadMiB, *echoMiB, *trips, *setups, *rounds); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -67,7 +75,7 @@ func (e *env) url() tlsdial.URL {
 	return tlsdial.URL{Host: "127.0.0.1", Port: e.relay.Addr().(*net.TCPAddr).Port, Secret: hex.EncodeToString(b)}
 }
 
-func bench(downloadMiB, echoMiB, trips, setups int) error {
+func bench(downloadMiB, echoMiB, trips, setups, rounds int) error {
 	e := &env{relay: &rendezvous.Relay{}}
 	if err := e.relay.Listen("tcp", "127.0.0.1:0"); err != nil {
 		return err
@@ -89,48 +97,82 @@ func bench(downloadMiB, echoMiB, trips, setups int) error {
 	dlCmd := fmt.Sprintf("head -c %d /dev/zero", size)
 	fmt.Printf("attach-agent benchmarks (%s)\n\n", time.Now().UTC().Format(time.RFC3339))
 
-	// Download.
-	cpu0 := selfCPU()
-	ptyLimit, err := ptyOneWay(size)
-	if err != nil {
-		return err
+	// Download and echo-bulk: the pty's throughput on a shared 2-core
+	// machine swings by 2x between runs, so each is measured in rounds, the
+	// limit and both agents back to back in each (in a rotating order), and
+	// ratios are taken within a round; the medians are reported.
+	type dlRound struct {
+		limit, agent, ref             float64
+		limitCPU                      time.Duration
+		agentDL, refDL                download
+		echoLimit, echoAgent, echoRef float64
 	}
-	ptyReaderCPU := selfCPU() - cpu0
-	var dl [2]download
-	for i, mode := range []string{"agent", "ref"} {
-		if dl[i], err = e.download(mode, dlCmd, size); err != nil {
-			return fmt.Errorf("download %s: %w", mode, err)
-		}
-	}
-	fmt.Printf("download (%d MiB into a raw pty, MiB/s at the client)\n", downloadMiB)
-	fmt.Printf("  pty one-way limit (no network)   %8.1f\n", ptyLimit)
-	fmt.Printf("  reference agent                  %8.1f\n", dl[1].mibps)
-	fmt.Printf("  attach-agent                     %8.1f   %.2fx reference (target >= 1.30), %.2fx pty limit (target >= 0.85)\n\n",
-		dl[0].mibps, dl[0].mibps/dl[1].mibps, dl[0].mibps/ptyLimit)
-
-	fmt.Printf("cost (agent process, per 256 MiB downloaded)\n")
-	per := func(d download) float64 { return d.cpu.Seconds() * float64(256<<20) / float64(size) }
-	fmt.Printf("  bare pty reader (no network)     %8.3f CPU s\n", ptyReaderCPU.Seconds()*float64(256<<20)/float64(size))
-	fmt.Printf("  reference agent                  %8.3f CPU s   peak RSS %6.1f MiB\n", per(dl[1]), float64(dl[1].rssKiB)/1024)
-	fmt.Printf("  attach-agent                     %8.3f CPU s   peak RSS %6.1f MiB   %.2fx reference CPU (target <= 0.65)\n\n",
-		per(dl[0]), float64(dl[0].rssKiB)/1024, per(dl[0])/per(dl[1]))
-
-	// Echo bulk.
 	echoSize := int64(echoMiB) << 20
-	ptyEcho, err := ptyEchoLimit(echoSize)
-	if err != nil {
-		return err
-	}
-	var ec [2]float64
-	for i, mode := range []string{"agent", "ref"} {
-		if ec[i], err = e.echoBulk(mode, echoSize); err != nil {
-			return fmt.Errorf("echo %s: %w", mode, err)
+	var rs []dlRound
+	for r := range rounds {
+		var rd dlRound
+		steps := []func() error{
+			func() error {
+				cpu0 := selfCPU()
+				v, err := ptyOneWay(size)
+				rd.limit, rd.limitCPU = v, selfCPU()-cpu0
+				return err
+			},
+			func() (err error) { rd.agentDL, err = e.download("agent", dlCmd, size); return err },
+			func() (err error) { rd.refDL, err = e.download("ref", dlCmd, size); return err },
+			func() (err error) { rd.echoLimit, err = ptyEchoLimit(echoSize); return err },
+			func() (err error) { rd.echoAgent, err = e.echoBulk("agent", echoSize); return err },
+			func() (err error) { rd.echoRef, err = e.echoBulk("ref", echoSize); return err },
 		}
+		for i := range 3 { // rotate who goes first within each group of three
+			for _, g := range []int{0, 3} {
+				if err := steps[g+(i+r)%3](); err != nil {
+					return fmt.Errorf("round %d: %w", r+1, err)
+				}
+			}
+		}
+		rd.agent, rd.ref = rd.agentDL.mibps, rd.refDL.mibps
+		rs = append(rs, rd)
 	}
-	fmt.Printf("echo-bulk (%d MiB random through cat on a raw pty, sha256 checked, MiB/s)\n", echoMiB)
-	fmt.Printf("  pty echo limit (no network)      %8.1f\n", ptyEcho)
-	fmt.Printf("  reference agent                  %8.1f\n", ec[1])
-	fmt.Printf("  attach-agent                     %8.1f   %.2fx pty echo limit (target >= 0.90)\n\n", ec[0], ec[0]/ptyEcho)
+	med := func(f func(dlRound) float64) float64 {
+		v := make([]float64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		sort.Float64s(v)
+		return v[len(v)/2]
+	}
+	spread := func(f func(dlRound) float64) string {
+		lo, hi := f(rs[0]), f(rs[0])
+		for _, r := range rs {
+			lo, hi = min(lo, f(r)), max(hi, f(r))
+		}
+		return fmt.Sprintf("%.2f-%.2f", lo, hi)
+	}
+	per := func(d time.Duration) float64 { return d.Seconds() * float64(256<<20) / float64(size) }
+	fmt.Printf("download (%d MiB into a raw pty, MiB/s at the client; median of %d rounds, ratios within a round)\n", downloadMiB, rounds)
+	fmt.Printf("  pty one-way limit (no network)   %8.1f\n", med(func(r dlRound) float64 { return r.limit }))
+	fmt.Printf("  reference agent                  %8.1f\n", med(func(r dlRound) float64 { return r.ref }))
+	vsRef := func(r dlRound) float64 { return r.agent / r.ref }
+	vsLim := func(r dlRound) float64 { return r.agent / r.limit }
+	fmt.Printf("  attach-agent                     %8.1f   %.2fx reference [%s] (target >= 1.30), %.2fx pty limit [%s] (target >= 0.85)\n\n",
+		med(func(r dlRound) float64 { return r.agent }), med(vsRef), spread(vsRef), med(vsLim), spread(vsLim))
+
+	fmt.Printf("cost (agent process, per 256 MiB downloaded; median of %d rounds)\n", rounds)
+	cpuRatio := func(r dlRound) float64 { return r.agentDL.cpu.Seconds() / r.refDL.cpu.Seconds() }
+	fmt.Printf("  bare pty reader (no network)     %8.3f CPU s\n", med(func(r dlRound) float64 { return per(r.limitCPU) }))
+	fmt.Printf("  reference agent                  %8.3f CPU s   peak RSS %6.1f MiB\n",
+		med(func(r dlRound) float64 { return per(r.refDL.cpu) }), med(func(r dlRound) float64 { return float64(r.refDL.rssKiB) / 1024 }))
+	fmt.Printf("  attach-agent                     %8.3f CPU s   peak RSS %6.1f MiB   %.2fx reference CPU [%s] (target <= 0.65)\n\n",
+		med(func(r dlRound) float64 { return per(r.agentDL.cpu) }), med(func(r dlRound) float64 { return float64(r.agentDL.rssKiB) / 1024 }),
+		med(cpuRatio), spread(cpuRatio))
+
+	echoVsLim := func(r dlRound) float64 { return r.echoAgent / r.echoLimit }
+	fmt.Printf("echo-bulk (%d MiB random through cat on a raw pty, sha256 checked, MiB/s; median of %d rounds)\n", echoMiB, rounds)
+	fmt.Printf("  pty echo limit (no network)      %8.1f\n", med(func(r dlRound) float64 { return r.echoLimit }))
+	fmt.Printf("  reference agent                  %8.1f\n", med(func(r dlRound) float64 { return r.echoRef }))
+	fmt.Printf("  attach-agent                     %8.1f   %.2fx pty echo limit [%s] (target >= 0.90)\n\n",
+		med(func(r dlRound) float64 { return r.echoAgent }), med(echoVsLim), spread(echoVsLim))
 
 	// Latency.
 	var lat [2][2]time.Duration
@@ -167,6 +209,7 @@ func (e *env) startAgent(mode string, u tlsdial.URL, command string) (*exec.Cmd,
 	}
 	cmd := exec.Command(self, mode, e.caFile, strconv.Itoa(u.Port), u.Secret, command)
 	cmd.Stderr = os.Stderr
+	cmd.Stdout = new(bytes.Buffer) // the child's peak RSS (see child)
 	return cmd, cmd.Start()
 }
 
@@ -215,7 +258,7 @@ func (e *env) download(mode, command string, size int64) (download, error) {
 	return download{
 		mibps:  float64(size) / (1 << 20) / el.Seconds(),
 		cpu:    time.Duration(ru.Utime.Nano() + ru.Stime.Nano()),
-		rssKiB: ru.Maxrss,
+		rssKiB: peakRSS(cmd, ru.Maxrss),
 	}, nil
 }
 
@@ -380,6 +423,32 @@ func startRawPTY(cmd *exec.Cmd) (*os.File, error) {
 	}
 	_ = tty.Close()
 	return ptmx, nil
+}
+
+// peakRSS is the child's own peak RSS, which it prints as it exits.
+// ru_maxrss is no good here: Linux carries the parent's RSS at fork into
+// the child's across exec, and this process holds the echo buffers.
+func peakRSS(cmd *exec.Cmd, fallback int64) int64 {
+	var kib int64
+	if _, err := fmt.Sscanf(cmd.Stdout.(*bytes.Buffer).String(), "vmhwm_kib %d", &kib); err != nil {
+		return fallback
+	}
+	return kib
+}
+
+// vmHWM is this process's peak RSS in KiB, from /proc/self/status.
+func vmHWM() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n
+		}
+	}
+	return 0
 }
 
 // child runs one agent session: "agent" is attach-agent's own Session,
