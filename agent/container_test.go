@@ -615,3 +615,25 @@ func childrenOf(pid int) []int {
 	sort.Ints(out)
 	return out
 }
+
+// A raw pty in a sandbox still ends input when the client half-closes: the
+// process that reads the terminal sits under the init, in a group of its
+// own.
+func TestSandboxRawEndOfInput(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	u, res := h.session(t, agent.Spec{
+		Container: container.Spec{Rootfs: root},
+		Process:   ptyio.Spec{Argv: []string{"/bin/cat"}, TTY: true, Raw: true},
+	})
+	c := h.client(t, u)
+	data := randomBytes(256 << 10)
+	got, err := echo(c, data)
+	if err != nil || sum(got) != sum(data) {
+		t.Fatalf("echo: %d of %d bytes, %v", len(got), len(data), err)
+	}
+	if r := wait(t, res, 30*time.Second); r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Errorf("result %v: want cat to see EOF and exit 0", r)
+	}
+}

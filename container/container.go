@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -144,7 +145,11 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 		}
 	}
 	if s.Rootfs != "" {
-		if st, err := os.Stat(s.Rootfs); err != nil || !st.IsDir() {
+		st, err := os.Stat(s.Rootfs)
+		if err != nil {
+			return release, fmt.Errorf("container: rootfs: %w", err)
+		}
+		if !st.IsDir() {
 			return release, fmt.Errorf("container: rootfs %s: not a directory", s.Rootfs)
 		}
 	}
@@ -175,14 +180,14 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 	}
 	switch {
 	case s.PID != 0:
-		p.Launch = joinLaunch(s.PID)
+		p.Launch = agentFailures(joinLaunch(s.PID))
 	case s.Rootfs != "":
 		cg, err := newCgroup(s.Limits)
 		if err != nil {
 			return release, err
 		}
 		var lifeline *os.File
-		p.Launch = sandboxLaunch(s, cg, &lifeline)
+		p.Launch = agentFailures(sandboxLaunch(s, cg, &lifeline))
 		release = func() {
 			if lifeline != nil {
 				_ = lifeline.Close() // the init is gone by now; if not, this ends it
@@ -191,6 +196,22 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 		}
 	}
 	return release, nil
+}
+
+// agentFailures marks a launch's own failures (entering a namespace,
+// starting the init) as the agent's, status 125, so that an EPERM from
+// setns does not read as "not executable" (126); the command's own
+// failures are already spawn errors with their codes.
+func agentFailures(launch func(*exec.Cmd) error) func(*exec.Cmd) error {
+	return func(cmd *exec.Cmd) error {
+		name := cmd.Args[0]
+		err := launch(cmd)
+		var se *ptyio.SpawnError
+		if err == nil || errors.As(err, &se) {
+			return err
+		}
+		return &ptyio.SpawnError{Name: name, Code: 125, Err: err}
+	}
 }
 
 // checkTarget says clearly when the process to join is not there or not

@@ -94,6 +94,9 @@ func sandboxLaunch(s Spec, cg *cgroup, lifeline **os.File) func(*exec.Cmd) error
 		}
 		err = cmd.Start()
 		_, _ = cfgR.Close(), statW.Close() // the init's ends
+		if errors.Is(err, syscall.EPERM) {
+			return fmt.Errorf("start sandbox init: %w: new namespaces need root (CAP_SYS_ADMIN)", err)
+		}
 		if err != nil {
 			return fmt.Errorf("start sandbox init: %w", err)
 		}

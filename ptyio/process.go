@@ -466,16 +466,26 @@ func (p *Process) CloseInput(lastByte int, settle time.Duration) error {
 	return err
 }
 
-// stop sends SIGSTOP to the group and waits (bounded) until the main
-// process is stopped; the returned func sends SIGCONT.
+// stop sends SIGSTOP to the terminal's foreground process group (the one
+// whose read is to be taken back: the command's own group, or a job a
+// shell runs, or the command under a sandbox's init) and waits (bounded)
+// until its leader is stopped; the returned func sends SIGCONT.
 func (p *Process) stop() (resume func()) {
-	if p.Signal(syscall.SIGSTOP) != nil {
+	pgrp := p.pid
+	if rc, err := p.master.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			if fg, err := unix.IoctlGetInt(int(fd), unix.TIOCGPGRP); err == nil && fg > 0 {
+				pgrp = fg
+			}
+		})
+	}
+	if err := syscall.Kill(-pgrp, syscall.SIGSTOP); err != nil {
 		return func() {}
 	}
-	resume = func() { _ = p.Signal(syscall.SIGCONT) }
+	resume = func() { _ = syscall.Kill(-pgrp, syscall.SIGCONT) } // gone is fine
 	deadline := time.Now().Add(time.Second)
 	for time.Now().Before(deadline) {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid))
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pgrp))
 		if err != nil {
 			return resume
 		}

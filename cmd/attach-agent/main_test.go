@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -363,4 +364,23 @@ func descendants(pid int) []int {
 		}
 	}
 	return out
+}
+
+// Without root, a sandbox fails at once with the reason, as the agent's
+// failure (125), not the command's.
+func TestSandboxNeedsRoot(t *testing.T) {
+	root := busyboxRoot(t)
+	bin := buildAgent(t)
+	for _, d := range []string{filepath.Dir(bin), filepath.Dir(filepath.Dir(bin)), root, filepath.Dir(root)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(bin, "demo", "--no-tty", "--rootfs", root, "--", "/bin/sh", "-c", `echo comm""and-ran`)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 125 || !strings.Contains(string(out), "new namespaces need root") || strings.Contains(string(out), "command-ran") {
+		t.Fatalf("demo as nobody: %v, output %q: want exit 125 naming root", err, out)
+	}
 }
