@@ -637,3 +637,64 @@ func TestSandboxRawEndOfInput(t *testing.T) {
 		t.Errorf("result %v: want cat to see EOF and exit 0", r)
 	}
 }
+
+// rlimits reach the command; the pids and memory limits are the
+// sandbox's cgroups, which hold the init and go away after the session.
+func TestSandboxLimits(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	before := sandboxLeftovers(t)
+	u, res := h.session(t, agent.Spec{
+		Container: container.Spec{Rootfs: root, Limits: container.Limits{NoFile: 64, NProc: 4000, Pids: 50, Memory: 64 << 20}},
+		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo nofile=$(ulimit -n) nproc=$(ulimit -u); read x"}, TTY: true},
+	})
+	c := h.client(t, u)
+	var got []byte
+	buf := make([]byte, 256)
+	for !strings.Contains(string(got), "\n") {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("read %q: %v", got, err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if !strings.Contains(string(got), "nofile=64 nproc=4000") {
+		t.Errorf("rlimits inside: %q", got)
+	}
+	var dirs []string
+	for _, c := range []string{"pids", "memory", "unified", ""} {
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", "sandbox-*"))
+		dirs = append(dirs, m...)
+	}
+	if len(dirs) == 0 {
+		t.Fatal("no sandbox cgroup")
+	}
+	limits := map[string]string{"pids.max": "50", "memory.limit_in_bytes": "67108864", "memory.max": "67108864"}
+	seen := 0
+	for _, d := range dirs {
+		for file, want := range limits {
+			if b, err := os.ReadFile(filepath.Join(d, file)); err == nil {
+				seen++
+				if strings.TrimSpace(string(b)) != want {
+					t.Errorf("%s/%s = %q, want %s", d, file, b, want)
+				}
+			}
+		}
+		if procs, _ := os.ReadFile(filepath.Join(d, "cgroup.procs")); len(strings.Fields(string(procs))) != 2 {
+			t.Errorf("%s holds %q: want the init and the shell", d, procs)
+		}
+	}
+	if seen != 2 {
+		t.Errorf("found %d of the 2 limits in %v", seen, dirs)
+	}
+	if _, err := io.WriteString(c, "\r"); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(c)
+	_ = c.Close()
+	if r := wait(t, res, 30*time.Second); r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Errorf("result %v", r)
+	}
+	waitLeftovers(t, before)
+}
