@@ -546,15 +546,7 @@ func TestSandboxCommandHoldsOnlyItsTerminal(t *testing.T) {
 		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo ready; exec sleep 30"}, TTY: true},
 	})
 	c := h.client(t, u)
-	buf := make([]byte, 64)
-	var got []byte
-	for !strings.Contains(string(got), "ready") {
-		n, err := c.Read(buf)
-		if err != nil {
-			t.Fatalf("before ready: %q, %v", got, err)
-		}
-		got = append(got, buf[:n]...)
-	}
+	readUntil(t, c, "ready")
 	sleepPid := 0
 	deadline := time.Now().Add(10 * time.Second)
 	for sleepPid == 0 && time.Now().Before(deadline) {
@@ -650,16 +642,7 @@ func TestSandboxLimits(t *testing.T) {
 		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo nofile=$(ulimit -n) nproc=$(ulimit -u); read x"}, TTY: true},
 	})
 	c := h.client(t, u)
-	var got []byte
-	buf := make([]byte, 256)
-	for !strings.Contains(string(got), "\n") {
-		n, err := c.Read(buf)
-		if err != nil {
-			t.Fatalf("read %q: %v", got, err)
-		}
-		got = append(got, buf[:n]...)
-	}
-	if !strings.Contains(string(got), "nofile=64 nproc=4000") {
+	if got := readUntil(t, c, "\n"); !strings.Contains(got, "nofile=64 nproc=4000") {
 		t.Errorf("rlimits inside: %q", got)
 	}
 	var dirs []string
@@ -697,4 +680,19 @@ func TestSandboxLimits(t *testing.T) {
 		t.Errorf("result %v", r)
 	}
 	waitLeftovers(t, before)
+}
+
+// readUntil reads from c until what it has read contains s.
+func readUntil(t testing.TB, c io.Reader, s string) string {
+	t.Helper()
+	var got []byte
+	buf := make([]byte, 256)
+	for !strings.Contains(string(got), s) {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("waiting for %q, read %q: %v", s, got, err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	return string(got)
 }
