@@ -340,7 +340,9 @@ func TestAPIUserAndContainer(t *testing.T) {
 		t.Fatalf("client got %q, %v", got, err)
 	}
 	_ = c.Close()
-	if code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", ""); v["reason"] != "exited" || v["exit_code"] != float64(0) {
+	code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", "")
+	if v["reason"] != "exited" || v["exit_code"] != float64(0) || v["user"] != "nobody" ||
+		fmt.Sprint(v["container"]) != fmt.Sprintf("map[pid:%d]", pid) {
 		t.Fatalf("GET wait: %d %v", code, v)
 	}
 }

@@ -79,6 +79,8 @@ type View struct {
 	Relay      string            `json:"relay"`
 	SecretFP   string            `json:"secret_fp"`
 	Labels     map[string]string `json:"labels,omitempty"`
+	User       string            `json:"user,omitempty"`
+	Container  *container.Spec   `json:"container,omitempty"`
 	StartedAt  time.Time         `json:"started_at"`
 	EndedAt    *time.Time        `json:"ended_at,omitempty"`
 	TimingsMS  map[string]int64  `json:"timings_ms,omitempty"`
@@ -329,7 +331,11 @@ func (m *Manager) view(s *managed) View {
 	defer m.mu.Unlock()
 	v := View{
 		ID: s.id, State: "running", Relay: s.spec.URL.Addr(), SecretFP: s.spec.URL.Fingerprint(),
-		Labels: s.spec.Labels, StartedAt: s.started,
+		Labels: s.spec.Labels, StartedAt: s.started, User: s.spec.User,
+	}
+	if !s.spec.Container.IsZero() {
+		ctr := s.spec.Container
+		v.Container = &ctr
 	}
 	if s.ended.IsZero() {
 		return v
