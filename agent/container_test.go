@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -523,14 +524,14 @@ func TestSandboxNetworkNone(t *testing.T) {
 	h := newHarness(t, nil)
 	out, r := runSession(t, h, agent.Spec{
 		Container: container.Spec{Rootfs: root, Network: container.NetworkNone},
-		Process:   ptyio.Spec{Argv: []string{"/bin/ip", "-o", "link"}, TTY: true},
+		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "ip -o link; echo sys: $(ls /sys/class/net); touch /sys/x 2>/dev/null || echo sys read-only"}, TTY: true},
 	})
 	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
 		t.Fatalf("result %v, output %q", r, out)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 1 || !strings.HasPrefix(lines[0], "1: lo: <LOOPBACK,UP,LOWER_UP>") {
-		t.Errorf("links %q: want only lo, up", lines)
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "1: lo: <LOOPBACK,UP,LOWER_UP>") || lines[1] != "sys: lo" || lines[2] != "sys read-only" {
+		t.Errorf("output %q: want only lo, up, in ip and a read-only /sys", lines)
 	}
 }
 
@@ -695,4 +696,38 @@ func readUntil(t testing.TB, c io.Reader, s string) string {
 		got = append(got, buf[:n]...)
 	}
 	return string(got)
+}
+
+// A client that vanishes ends a sandboxed session as it does a host one:
+// the hangup reaches the command through the init, and a command that
+// ignores HUP and TERM goes with the init at the kill; nothing is left.
+func TestSandboxClientVanishes(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	before := sandboxLeftovers(t)
+	for _, tc := range []struct {
+		name, script string
+		code         int
+	}{
+		{"plain", "echo ready; exec sleep 1000", 128 + int(syscall.SIGHUP)},
+		{"ignores HUP and TERM", "trap '' HUP TERM; echo ready; sleep 1000; echo survived", 128 + int(syscall.SIGKILL)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u, res := h.session(t, agent.Spec{
+				Container: container.Spec{Rootfs: root},
+				Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", tc.script}},
+				Pump:      ptyio.Config{TermDelay: 100 * time.Millisecond, KillGrace: 300 * time.Millisecond},
+			})
+			c := h.client(t, u)
+			readUntil(t, c, "ready\n")
+			_ = c.Raw.(*net.TCPConn).SetLinger(0) // a reset, no close_notify
+			_ = c.Raw.Close()
+			r := wait(t, res, 30*time.Second)
+			if r.Reason != ptyio.ReasonClientGone || r.ExitCode != tc.code {
+				t.Fatalf("result %v: want client_gone with status %d", r, tc.code)
+			}
+		})
+	}
+	waitLeftovers(t, before)
 }

@@ -133,7 +133,8 @@ func startCommand(cfg initConfig) (int, error) {
 	return p.Pid, nil
 }
 
-// setupSandbox makes the root, /proc, /dev, hostname, network and limits.
+// setupSandbox makes the root, /proc, /sys, /dev, hostname, network and
+// limits.
 // Every mount is made in the sandbox's own mount namespace, private from
 // the host's, so all of it goes away with the init.
 func setupSandbox(cfg initConfig) error {
@@ -146,6 +147,12 @@ func setupSandbox(cfg initConfig) error {
 		return fmt.Errorf("bind %s: %w", r, err)
 	}
 	if err := mountAt(r, "proc", "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return err
+	}
+	// A read-only /sys, as container runtimes give: programs look up
+	// devices and network interfaces there (a new network namespace
+	// shows only its own).
+	if err := mountAt(r, "sys", "sysfs", "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return err
 	}
 	if err := setupDev(r, cfg.TTY); err != nil {
