@@ -215,18 +215,63 @@ func startContainer(t testing.TB, hostname string, userns bool) int {
 	return 0
 }
 
+// containerCgroups puts pid in a pids and a memory cgroup of its own
+// (where those hierarchies are mounted), as a container runtime would, and
+// returns the "controller:path" lines a member's /proc/self/cgroup shows.
+func containerCgroups(t testing.TB, pid int) []string {
+	t.Helper()
+	var want []string
+	for _, c := range []string{"pids", "memory"} {
+		base := filepath.Join("/sys/fs/cgroup", c)
+		if _, err := os.Stat(filepath.Join(base, "cgroup.procs")); err != nil {
+			continue // not a v1 hierarchy here
+		}
+		name := fmt.Sprintf("attach-agent-test-%d", pid)
+		dir := filepath.Join(base, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			// Cleanups run last first: the container goes here, before its
+			// group can be removed.
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			waitGone(t, pid)
+			deadline := time.Now().Add(10 * time.Second)
+			for err := os.Remove(dir); err != nil; err = os.Remove(dir) {
+				if time.Now().After(deadline) {
+					t.Errorf("cgroup %s: %v", dir, err)
+					return
+				}
+				time.Sleep(10 * time.Millisecond) // until the kernel has let go of its processes
+			}
+		})
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, c+":/"+name)
+	}
+	return want
+}
+
 func TestJoinRunningContainer(t *testing.T) {
 	needRoot(t)
 	pid := startContainer(t, "dyno-web-1", false)
+	cgroups := containerCgroups(t, pid)
 	host, _ := os.Hostname()
 	h := newHarness(t, nil)
 	out, r := runSession(t, h, agent.Spec{
 		Container: container.Spec{PID: pid},
 		Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) self=$$"; ` +
-			`for p in /proc/[0-9]*; do echo "proc ${p#/proc/} $(cat $p/comm)"; done`), TTY: true},
+			`for p in /proc/[0-9]*; do echo "proc ${p#/proc/} $(cat $p/comm)"; done; cat /proc/self/cgroup`), TTY: true},
 	})
 	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
 		t.Fatalf("result %v, output %q", r, out)
+	}
+	// The command is held by the container's cgroups, as docker exec does.
+	for _, cg := range cgroups {
+		if !strings.Contains(out, ":"+cg+"\n") {
+			t.Errorf("want cgroup %q in %q", cg, out)
+		}
 	}
 	if !strings.Contains(out, "host=dyno-web-1 pid1=sleep ") {
 		t.Errorf("want the container's hostname and PID 1 in %q (the host is %q)", out, host)
@@ -253,6 +298,7 @@ func TestJoinRunningContainer(t *testing.T) {
 func TestJoinUserNamespace(t *testing.T) {
 	needRoot(t)
 	pid := startContainer(t, "rootless-1", true)
+	cgroups := containerCgroups(t, pid)
 	h := newHarness(t, nil)
 	for _, tc := range []struct{ user, want string }{
 		{"", "uid=0(root) gid=0(root)"},
@@ -260,8 +306,13 @@ func TestJoinUserNamespace(t *testing.T) {
 	} {
 		out, r := runSession(t, h, agent.Spec{
 			Container: container.Spec{PID: pid}, User: tc.user,
-			Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) pwd=$(pwd)"; id; cat /proc/self/uid_map`), TTY: true},
+			Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) pwd=$(pwd)"; id; cat /proc/self/uid_map; cat /proc/self/cgroup`), TTY: true},
 		})
+		for _, cg := range cgroups {
+			if !strings.Contains(out, ":"+cg+"\n") {
+				t.Errorf("user %q: want cgroup %q in %q", tc.user, cg, out)
+			}
+		}
 		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
 			t.Fatalf("result %v, output %q", r, out)
 		}

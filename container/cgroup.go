@@ -181,3 +181,99 @@ func randomHex(n int) string {
 	_, _ = rand.Read(b) // never fails on Linux
 	return hex.EncodeToString(b)
 }
+
+// cgroupMount is one mounted cgroup hierarchy.
+type cgroupMount struct {
+	dir, root string          // mount point, and the fs path mounted there
+	v2        bool            // the unified hierarchy
+	opts      map[string]bool // v1: its controllers and name=...
+}
+
+// cgroupMounts lists the cgroup hierarchies mounted in the agent's view.
+func cgroupMounts() ([]cgroupMount, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	var out []cgroupMount
+	for _, line := range strings.Split(string(b), "\n") {
+		left, right, ok := strings.Cut(line, " - ")
+		lf, rf := strings.Fields(left), strings.Fields(right)
+		if !ok || len(lf) < 5 || len(rf) < 3 {
+			continue
+		}
+		m := cgroupMount{dir: lf[4], root: lf[3], opts: map[string]bool{}}
+		switch rf[0] {
+		case "cgroup2":
+			m.v2 = true
+		case "cgroup":
+			for _, o := range strings.Split(rf[2], ",") {
+				m.opts[o] = true
+			}
+		default:
+			continue
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// joinCgroups moves pids into every cgroup process target is in, so a
+// command run in a container is held by the container's limits and counted
+// in its accounting, as `docker exec` does. Hierarchies that are not
+// mounted here are skipped.
+func joinCgroups(target int, pids ...int) error {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", target))
+	if err != nil {
+		return fmt.Errorf("container: pid %d: its cgroups: %w", target, err)
+	}
+	mounts, err := cgroupMounts()
+	if err != nil {
+		return fmt.Errorf("container: cgroup mounts: %w", err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		ctrls, path := parts[1], parts[2]
+		m := findMount(mounts, ctrls)
+		if m == nil {
+			continue
+		}
+		rel := path
+		if m.root != "/" {
+			if rel = strings.TrimPrefix(path, m.root); rel == path {
+				continue // the group is outside what is mounted here
+			}
+		}
+		procs := filepath.Join(m.dir, rel, "cgroup.procs")
+		for _, pid := range pids {
+			if err := os.WriteFile(procs, []byte(strconv.Itoa(pid)), 0); err != nil && !errors.Is(err, syscall.ESRCH) {
+				return fmt.Errorf("container: pid %d: join its cgroup %s: %w", target, filepath.Dir(procs), err)
+			}
+		}
+	}
+	return nil
+}
+
+// findMount is the mount of the hierarchy a /proc/PID/cgroup line names
+// by its controllers ("" for the unified one).
+func findMount(mounts []cgroupMount, ctrls string) *cgroupMount {
+	for i, m := range mounts {
+		if ctrls == "" {
+			if m.v2 {
+				return &mounts[i]
+			}
+			continue
+		}
+		all := !m.v2
+		for _, c := range strings.Split(ctrls, ",") {
+			all = all && m.opts[c]
+		}
+		if all {
+			return &mounts[i]
+		}
+	}
+	return nil
+}

@@ -3,9 +3,12 @@ package container
 import (
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 
 	"github.com/attach-agent/attach-agent/ptyio"
 	"golang.org/x/sys/unix"
@@ -52,7 +55,18 @@ func joinLaunch(pid int) func(*exec.Cmd) error {
 		}
 		defer func() { _ = unix.Close(rootFd) }() // best effort
 
-		return onFreshThread(func() error { return startInside(cmd, fds, rootFd, pid) })
+		if err := onFreshThread(func() error { return startInside(cmd, fds, rootFd, pid) }); err != nil {
+			return err
+		}
+		// Into the container's cgroups, from here (the thread that forked
+		// sees the container's /sys). The command may have run for the
+		// moment between its start and this.
+		if err := joinCgroups(pid, cmd.Process.Pid); err != nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			return err
+		}
+		return nil
 	}
 }
 
@@ -193,5 +207,32 @@ func nsenterStart(cmd *exec.Cmd, pid int) error {
 	cmd.Path = nsenter
 	cmd.Args = append(append(args, "--"), cmd.Args...)
 	cmd.Dir = ""
-	return cmd.Start()
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	// nsenter forks the command once it is in the PID namespace: move
+	// nsenter and whatever it has forked by now; a child forked later
+	// inherits the group.
+	p := cmd.Process.Pid
+	err = joinCgroups(pid, p)
+	if err == nil {
+		err = joinCgroups(pid, childPids(p)...) // read after the move: later ones inherit it
+	}
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return err
+	}
+	return nil
+}
+
+func childPids(pid int) []int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)) // nsenter is single-threaded
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
 }
