@@ -218,43 +218,83 @@ func cgroupMounts() ([]cgroupMount, error) {
 	return out, nil
 }
 
-// joinCgroups moves pids into every cgroup process target is in, so a
-// command run in a container is held by the container's limits and counted
-// in its accounting, as `docker exec` does. Hierarchies that are not
-// mounted here are skipped.
-func joinCgroups(target int, pids ...int) error {
+// cgroupPlan is where a joined command is born: in every cgroup of the
+// container's process, as `docker exec` does, so the container's limits
+// hold it and its accounting counts it. Moving the command after it
+// starts would let it (and what it forks meanwhile) run outside; instead
+// the forking thread moves itself into each v1 hierarchy's group (v1 moves
+// single threads through "tasks"), and the unified (v2) group is given to
+// clone3 as CLONE_INTO_CGROUP. The thread is discarded after the fork.
+type cgroupPlan struct {
+	tasks []string // v1: the "tasks" files of the container's groups
+	v2fd  int      // the container's v2 group, opened; -1: none
+}
+
+// planCgroups finds target's groups in the hierarchies mounted here.
+func planCgroups(target int) (*cgroupPlan, error) {
+	plan := &cgroupPlan{v2fd: -1}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", target))
 	if err != nil {
-		return fmt.Errorf("container: pid %d: its cgroups: %w", target, err)
+		return nil, fmt.Errorf("container: pid %d: its cgroups: %w", target, err)
 	}
 	mounts, err := cgroupMounts()
 	if err != nil {
-		return fmt.Errorf("container: cgroup mounts: %w", err)
+		return nil, fmt.Errorf("container: cgroup mounts: %w", err)
 	}
 	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		parts := strings.SplitN(line, ":", 3)
 		if len(parts) != 3 {
 			continue
 		}
-		ctrls, path := parts[1], parts[2]
-		m := findMount(mounts, ctrls)
+		m := findMount(mounts, parts[1])
 		if m == nil {
-			continue
+			continue // a hierarchy not mounted here
 		}
-		rel := path
+		rel := parts[2]
 		if m.root != "/" {
-			if rel = strings.TrimPrefix(path, m.root); rel == path {
+			if rel = strings.TrimPrefix(parts[2], m.root); rel == parts[2] {
 				continue // the group is outside what is mounted here
 			}
 		}
-		procs := filepath.Join(m.dir, rel, "cgroup.procs")
-		for _, pid := range pids {
-			if err := os.WriteFile(procs, []byte(strconv.Itoa(pid)), 0); err != nil && !errors.Is(err, syscall.ESRCH) {
-				return fmt.Errorf("container: pid %d: join its cgroup %s: %w", target, filepath.Dir(procs), err)
-			}
+		dir := filepath.Join(m.dir, rel)
+		if !m.v2 {
+			plan.tasks = append(plan.tasks, filepath.Join(dir, "tasks"))
+			continue
+		}
+		fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			plan.close()
+			return nil, fmt.Errorf("container: pid %d: its cgroup %s: %w", target, dir, err)
+		}
+		plan.v2fd = fd
+	}
+	return plan, nil
+}
+
+// enter moves the calling thread, which must be locked to its goroutine
+// and discarded afterwards, into the v1 groups; apply has clone3 put the
+// child into the v2 group.
+func (p *cgroupPlan) enter() error {
+	tid := strconv.Itoa(syscall.Gettid())
+	for _, f := range p.tasks {
+		if err := os.WriteFile(f, []byte(tid), 0); err != nil {
+			return fmt.Errorf("container: join cgroup %s: %w", filepath.Dir(f), err)
 		}
 	}
 	return nil
+}
+
+func (p *cgroupPlan) apply(attr *syscall.SysProcAttr) {
+	if p.v2fd >= 0 {
+		attr.UseCgroupFD, attr.CgroupFD = true, p.v2fd
+	}
+}
+
+func (p *cgroupPlan) close() {
+	if p.v2fd >= 0 {
+		_ = syscall.Close(p.v2fd) // best effort
+		p.v2fd = -1
+	}
 }
 
 // findMount is the mount of the hierarchy a /proc/PID/cgroup line names

@@ -3,12 +3,9 @@ package container
 import (
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
-	"strings"
 
 	"github.com/attach-agent/attach-agent/ptyio"
 	"golang.org/x/sys/unix"
@@ -37,12 +34,17 @@ var joinOrder = []struct {
 // never starts new threads from a locked one: nothing else runs inside.
 func joinLaunch(pid int) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
+		cg, err := planCgroups(pid)
+		if err != nil {
+			return err
+		}
+		defer cg.close()
 		same, err := sameNS(pid, "user")
 		if err != nil {
 			return err
 		}
 		if !same {
-			return nsenterStart(cmd, pid)
+			return onFreshThread(func() error { return nsenterStart(cmd, pid, cg) })
 		}
 		fds, err := openNS(pid)
 		if err != nil {
@@ -55,18 +57,7 @@ func joinLaunch(pid int) func(*exec.Cmd) error {
 		}
 		defer func() { _ = unix.Close(rootFd) }() // best effort
 
-		if err := onFreshThread(func() error { return startInside(cmd, fds, rootFd, pid) }); err != nil {
-			return err
-		}
-		// Into the container's cgroups, from here (the thread that forked
-		// sees the container's /sys). The command may have run for the
-		// moment between its start and this.
-		if err := joinCgroups(pid, cmd.Process.Pid); err != nil {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			return err
-		}
-		return nil
+		return onFreshThread(func() error { return startInside(cmd, fds, rootFd, pid, cg) })
 	}
 }
 
@@ -95,12 +86,17 @@ func onFreshThread(fn func() error) error {
 	return <-errc
 }
 
-func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int) error {
+func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int, cg *cgroupPlan) error {
 	// The thread's root and cwd are shared with the whole process until
 	// this; setns into a mount namespace also requires it.
 	if err := unix.Unshare(unix.CLONE_FS); err != nil {
 		return fmt.Errorf("container: unshare fs: %w", err)
 	}
+	// While /sys/fs/cgroup is still the agent's.
+	if err := cg.enter(); err != nil {
+		return err
+	}
+	cg.apply(cmd.SysProcAttr)
 	for i, fd := range fds {
 		if fd < 0 {
 			continue // already shared with the agent
@@ -185,7 +181,7 @@ func sameNS(pid int, name string) (bool, error) {
 // command gets the user's primary group only (nsenter clears supplementary
 // groups), and a missing program is reported by nsenter on the terminal
 // (status 126/127) rather than as a spawn error.
-func nsenterStart(cmd *exec.Cmd, pid int) error {
+func nsenterStart(cmd *exec.Cmd, pid int, cg *cgroupPlan) error {
 	nsenter, err := exec.LookPath("nsenter")
 	if err != nil {
 		return fmt.Errorf("container: pid %d is in another user namespace, which needs util-linux's nsenter to join: install it (package util-linux)", pid)
@@ -207,32 +203,11 @@ func nsenterStart(cmd *exec.Cmd, pid int) error {
 	cmd.Path = nsenter
 	cmd.Args = append(append(args, "--"), cmd.Args...)
 	cmd.Dir = ""
-	if err := cmd.Start(); err != nil {
+	// nsenter, and so the command it forks, is born in the container's
+	// cgroups (see cgroupPlan).
+	if err := cg.enter(); err != nil {
 		return err
 	}
-	// nsenter forks the command once it is in the PID namespace: move
-	// nsenter and whatever it has forked by now; a child forked later
-	// inherits the group.
-	p := cmd.Process.Pid
-	err = joinCgroups(pid, p)
-	if err == nil {
-		err = joinCgroups(pid, childPids(p)...) // read after the move: later ones inherit it
-	}
-	if err != nil {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		return err
-	}
-	return nil
-}
-
-func childPids(pid int) []int {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)) // nsenter is single-threaded
-	var out []int
-	for _, f := range strings.Fields(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil {
-			out = append(out, n)
-		}
-	}
-	return out
+	cg.apply(attr)
+	return cmd.Start()
 }
