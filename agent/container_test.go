@@ -380,7 +380,7 @@ func buildRootfs(t testing.TB) string {
 	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, applet := range []string{"sh", "id", "hostname", "cat", "ls", "tty", "sleep", "echo", "pwd", "env", "stty", "ps", "tr", "cut", "head", "touch", "ip"} {
+	for _, applet := range []string{"sh", "id", "hostname", "cat", "ls", "tty", "sleep", "echo", "pwd", "env", "stty", "ps", "tr", "cut", "head", "touch", "ip", "grep"} {
 		if err := os.Symlink("busybox", filepath.Join(root, "bin", applet)); err != nil {
 			t.Fatal(err)
 		}
@@ -781,4 +781,46 @@ func TestSandboxClientVanishes(t *testing.T) {
 		})
 	}
 	waitLeftovers(t, before)
+}
+
+// A root command in a sandbox keeps only a container runtime's
+// capabilities (Docker's default set, 0xa80425fb): it cannot change the
+// sandbox's hostname, mount or trace; privileged keeps them all.
+func TestSandboxCapabilities(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	script := `grep CapBnd /proc/self/status; grep CapEff /proc/self/status; hostname renamed 2>/dev/null && echo "hostname changed" || echo "hostname refused"`
+	for _, tc := range []struct {
+		privileged   bool
+		bnd, outcome string
+	}{
+		{false, "00000000a80425fb", "hostname refused"},
+		{true, "", "hostname changed"},
+	} {
+		out, r := runSession(t, h, agent.Spec{
+			Container: container.Spec{Rootfs: root, Privileged: tc.privileged},
+			Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", script}, TTY: true},
+		})
+		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+			t.Fatalf("privileged=%v: result %v, output %q", tc.privileged, r, out)
+		}
+		bnd := tc.bnd
+		if bnd == "" { // every capability this kernel has
+			b, err := os.ReadFile("/proc/self/status")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, line := range strings.Split(string(b), "\n") {
+				if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
+					bnd = strings.TrimSpace(v)
+				}
+			}
+		}
+		for _, want := range []string{"CapBnd:\t" + bnd + "\n", "CapEff:\t" + bnd + "\n", tc.outcome + "\n"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("privileged=%v: want %q in %q", tc.privileged, want, out)
+			}
+		}
+	}
 }

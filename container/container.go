@@ -43,6 +43,10 @@ type Spec struct {
 	Network string `json:"network,omitempty"`
 	// Limits apply to the sandbox.
 	Limits Limits `json:"limits,omitzero"`
+	// Privileged keeps every capability for a command run as root in the
+	// sandbox; by default it keeps only what container runtimes give
+	// (no mounting, no hostname, no module loading, no tracing).
+	Privileged bool `json:"privileged,omitempty"`
 }
 
 // Limits are a sandbox's resource limits. Zero leaves each unlimited (as
@@ -67,8 +71,8 @@ func (s Spec) Validate() error {
 		return fmt.Errorf("container: pid %d: want a process id above 0", s.PID)
 	}
 	if s.Rootfs == "" {
-		if s.Hostname != "" || s.Network != "" || s.Limits != (Limits{}) {
-			return errors.New("container: hostname, network and limits are for a sandbox: give rootfs too")
+		if s.Hostname != "" || s.Network != "" || s.Limits != (Limits{}) || s.Privileged {
+			return errors.New("container: hostname, network, limits and privileged are for a sandbox: give rootfs too")
 		}
 		return nil
 	}

@@ -9,6 +9,9 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/attach-agent/attach-agent/ptyio"
@@ -31,6 +34,9 @@ func Main() {
 // and forward signals, until the command exits; its status is ours. When
 // we exit, the kernel kills whatever is left in the namespace.
 func runInit() int {
+	// One thread for the capability drop and the fork after it: the
+	// bounding set is per thread, and the child inherits the forking one's.
+	runtime.LockOSThread()
 	// fds 3 and 4 came without close-on-exec (as every passed fd does):
 	// the command must not hold them, or the agent would never see the
 	// report end.
@@ -55,6 +61,12 @@ func runInit() int {
 	if err := setupSandbox(cfg); err != nil {
 		report(initStatus{Code: 125, Err: "sandbox: " + err.Error()})
 		return 125
+	}
+	if !cfg.Privileged {
+		if err := dropCaps(); err != nil {
+			report(initStatus{Code: 125, Err: "sandbox: " + err.Error()})
+			return 125
+		}
 	}
 	child, err := startCommand(cfg)
 	if err != nil {
@@ -300,6 +312,38 @@ func setLimits(l Limits) error {
 		}
 		if err := syscall.Setrlimit(rl.resource, &syscall.Rlimit{Cur: rl.n, Max: rl.n}); err != nil {
 			return fmt.Errorf("limits.%s %d: %w", rl.name, rl.n, err)
+		}
+	}
+	return nil
+}
+
+// keptCaps are what a sandboxed command run as root may keep: the set
+// container runtimes give by default (Docker's), enough to own files, bind
+// low ports, switch users and signal its own processes, but not to mount,
+// change the hostname, load modules, trace or reach the host's devices.
+var keptCaps = map[int]bool{
+	unix.CAP_CHOWN: true, unix.CAP_DAC_OVERRIDE: true, unix.CAP_FSETID: true, unix.CAP_FOWNER: true,
+	unix.CAP_MKNOD: true, unix.CAP_NET_RAW: true, unix.CAP_SETGID: true, unix.CAP_SETUID: true,
+	unix.CAP_SETFCAP: true, unix.CAP_SETPCAP: true, unix.CAP_NET_BIND_SERVICE: true,
+	unix.CAP_SYS_CHROOT: true, unix.CAP_KILL: true, unix.CAP_AUDIT_WRITE: true,
+}
+
+// dropCaps drops every other capability from the calling thread's
+// bounding set, which the command inherits: as root it gains no more at
+// exec. The init keeps its own (it needs none after setup).
+func dropCaps() error {
+	last := unix.CAP_LAST_CAP
+	if b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap"); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			last = n
+		}
+	}
+	for c := 0; c <= last; c++ {
+		if keptCaps[c] {
+			continue
+		}
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("drop capability %d: %w", c, err)
 		}
 	}
 	return nil

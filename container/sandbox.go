@@ -23,15 +23,16 @@ const initSetupTimeout = 10 * time.Second
 
 // initConfig is what the agent tells its init through fd 3.
 type initConfig struct {
-	Argv     []string
-	Env      []string
-	Dir      string
-	Rootfs   string
-	Hostname string
-	NoNet    bool
-	TTY      bool
-	Limits   Limits
-	Cred     *syscall.Credential
+	Argv       []string
+	Env        []string
+	Dir        string
+	Rootfs     string
+	Hostname   string
+	NoNet      bool
+	TTY        bool
+	Limits     Limits
+	Privileged bool
+	Cred       *syscall.Credential
 }
 
 // initStatus is the init's one report through fd 4: the command started,
@@ -60,6 +61,7 @@ func sandboxLaunch(s Spec, cg *cgroup, lifeline **os.File) func(*exec.Cmd) error
 		cfg := initConfig{
 			Argv: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Rootfs: s.Rootfs, Hostname: s.Hostname,
 			NoNet: s.Network == NetworkNone, TTY: attr.Setctty, Limits: s.Limits, Cred: attr.Credential,
+			Privileged: s.Privileged,
 		}
 		if cfg.Hostname == "" {
 			cfg.Hostname = DefaultHostname
