@@ -824,3 +824,39 @@ func TestSandboxCapabilities(t *testing.T) {
 		}
 	}
 }
+
+// With overlay, the sandbox writes to a layer in memory: the root
+// directory is untouched after (not even mount points are made in it) and
+// nothing is left on the host.
+func TestSandboxOverlay(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	scratchBefore, _ := filepath.Glob(filepath.Join(os.TempDir(), "attach-agent-sandbox-*"))
+	before := sandboxLeftovers(t)
+	h := newHarness(t, nil)
+	for i := range 2 { // the second sandbox sees none of the first one's writes
+		out, r := runSession(t, h, agent.Spec{
+			Container: container.Spec{Rootfs: root, Overlay: true},
+			Process: ptyio.Spec{Argv: []string{"/bin/sh", "-c",
+				`cat /app/note 2>/dev/null || echo "no note"; echo written > /app/note; rm /bin/cut && echo "removed cut"; ls /proc/1/cmdline`}, TTY: true},
+		})
+		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+			t.Fatalf("run %d: result %v, output %q", i, r, out)
+		}
+		if !strings.HasPrefix(out, "no note\nremoved cut\n") {
+			t.Errorf("run %d: %q: want a fresh root each time", i, out)
+		}
+	}
+	for _, p := range []string{"app/note", "proc", "dev", "sys"} {
+		if _, err := os.Stat(filepath.Join(root, p)); err == nil {
+			t.Errorf("%s appeared in the root directory", p)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "bin/cut")); err != nil {
+		t.Errorf("bin/cut removed from the root directory: %v", err)
+	}
+	waitLeftovers(t, before)
+	if after, _ := filepath.Glob(filepath.Join(os.TempDir(), "attach-agent-sandbox-*")); len(after) != len(scratchBefore) {
+		t.Errorf("scratch directories left: %v (before %v)", after, scratchBefore)
+	}
+}

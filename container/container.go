@@ -43,6 +43,9 @@ type Spec struct {
 	Network string `json:"network,omitempty"`
 	// Limits apply to the sandbox.
 	Limits Limits `json:"limits,omitzero"`
+	// Overlay leaves Rootfs untouched: the sandbox sees it under a
+	// writable layer in memory that goes away with the sandbox.
+	Overlay bool `json:"overlay,omitempty"`
 	// Privileged keeps every capability for a command run as root in the
 	// sandbox; by default it keeps only what container runtimes give
 	// (no mounting, no hostname, no module loading, no tracing).
@@ -71,8 +74,8 @@ func (s Spec) Validate() error {
 		return fmt.Errorf("container: pid %d: want a process id above 0", s.PID)
 	}
 	if s.Rootfs == "" {
-		if s.Hostname != "" || s.Network != "" || s.Limits != (Limits{}) || s.Privileged {
-			return errors.New("container: hostname, network, limits and privileged are for a sandbox: give rootfs too")
+		if s.Hostname != "" || s.Network != "" || s.Limits != (Limits{}) || s.Privileged || s.Overlay {
+			return errors.New("container: hostname, network, limits, overlay and privileged are for a sandbox: give rootfs too")
 		}
 		return nil
 	}
@@ -81,6 +84,9 @@ func (s Spec) Validate() error {
 	}
 	if filepath.Clean(s.Rootfs) == "/" {
 		return errors.New("container: rootfs /: a sandbox needs its own root directory")
+	}
+	if s.Overlay && strings.ContainsAny(s.Rootfs, ",:\\") {
+		return fmt.Errorf("container: rootfs %q: with overlay, a path without ',', ':' or '\\' (overlayfs options cannot hold them)", s.Rootfs)
 	}
 	if err := validHostname(s.Hostname); err != nil {
 		return err
@@ -190,13 +196,26 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 		if err != nil {
 			return release, err
 		}
+		scratch := ""
+		if s.Overlay {
+			// The mount point of the sandbox's writable layer: a tmpfs is
+			// mounted on it inside the sandbox only, so the host sees an
+			// empty directory, removed after.
+			if scratch, err = os.MkdirTemp("", "attach-agent-sandbox-"); err != nil {
+				cg.remove()
+				return release, fmt.Errorf("container: overlay scratch: %w", err)
+			}
+		}
 		var lifeline *os.File
-		p.Launch = agentFailures(sandboxLaunch(s, cg, &lifeline))
+		p.Launch = agentFailures(sandboxLaunch(s, cg, scratch, &lifeline))
 		release = func() {
 			if lifeline != nil {
 				_ = lifeline.Close() // the init is gone by now; if not, this ends it
 			}
 			cg.remove()
+			if scratch != "" {
+				_ = os.Remove(scratch) // best effort: empty on the host
+			}
 		}
 	}
 	return release, nil

@@ -32,6 +32,9 @@ func TestValidate(t *testing.T) {
 		{Spec{Rootfs: "/srv/r", Hostname: "a_b"}, "only letters, digits"},
 		{Spec{Rootfs: "/srv/r", Network: "bridge"}, `want "host" or "none"`},
 		{Spec{Rootfs: "/srv/r", Limits: Limits{Memory: -1}}, "must not be negative"},
+		{Spec{Rootfs: "/srv/a,b", Overlay: true}, "with overlay, a path without"},
+		{Spec{Rootfs: "/srv/a,b"}, ""},
+		{Spec{PID: 3, Overlay: true}, "give rootfs too"},
 	} {
 		err := tc.s.Validate()
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {

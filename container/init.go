@@ -154,6 +154,12 @@ func setupSandbox(cfg initConfig) error {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make mounts private: %w", err)
 	}
+	if cfg.Scratch != "" {
+		var err error
+		if r, err = overlayRoot(r, cfg.Scratch); err != nil {
+			return err
+		}
+	}
 	// pivot_root needs the new root to be a mount point.
 	if err := unix.Mount(r, r, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("bind %s: %w", r, err)
@@ -193,6 +199,26 @@ func setupSandbox(cfg initConfig) error {
 		return err
 	}
 	return setLimits(cfg.Limits)
+}
+
+// overlayRoot puts lower under a writable layer on a tmpfs mounted at
+// scratch (in the sandbox's mount namespace only) and returns the merged
+// root.
+func overlayRoot(lower, scratch string) (string, error) {
+	if err := unix.Mount("tmpfs", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=755"); err != nil {
+		return "", fmt.Errorf("overlay scratch: %w", err)
+	}
+	for _, d := range []string{"upper", "work", "root"} {
+		if err := os.Mkdir(filepath.Join(scratch, d), 0o755); err != nil {
+			return "", fmt.Errorf("overlay scratch: %w", err)
+		}
+	}
+	root := filepath.Join(scratch, "root")
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, filepath.Join(scratch, "upper"), filepath.Join(scratch, "work"))
+	if err := unix.Mount("overlay", root, "overlay", 0, opts); err != nil {
+		return "", fmt.Errorf("overlay on %s: %w", lower, err)
+	}
+	return root, nil
 }
 
 // setupDev is a small /dev: the usual character devices bound from the

@@ -32,6 +32,7 @@ type initConfig struct {
 	TTY        bool
 	Limits     Limits
 	Privileged bool
+	Scratch    string // with overlay: where the writable layer goes
 	Cred       *syscall.Credential
 }
 
@@ -55,13 +56,13 @@ type initStatus struct {
 // in release, after the session, and the kernel closes it if the agent
 // dies; either way the init reads EOF and takes the sandbox down with it,
 // so an agent that crashed leaves no sandbox running unattended.
-func sandboxLaunch(s Spec, cg *cgroup, lifeline **os.File) func(*exec.Cmd) error {
+func sandboxLaunch(s Spec, cg *cgroup, scratch string, lifeline **os.File) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
 		attr := cmd.SysProcAttr
 		cfg := initConfig{
 			Argv: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Rootfs: s.Rootfs, Hostname: s.Hostname,
 			NoNet: s.Network == NetworkNone, TTY: attr.Setctty, Limits: s.Limits, Cred: attr.Credential,
-			Privileged: s.Privileged,
+			Privileged: s.Privileged, Scratch: scratch,
 		}
 		if cfg.Hostname == "" {
 			cfg.Hostname = DefaultHostname

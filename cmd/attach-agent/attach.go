@@ -51,6 +51,7 @@ func (f *sessionFlags) register(fs *flagSet) {
 	fs.Int64Var(&f.ctr.Limits.Pids, "limit-pids", 0, "with --rootfs: at most `N` tasks in the sandbox (cgroup pids); 0: no limit")
 	fs.Int64Var(&f.ctr.Limits.Memory, "limit-memory", 0, "with --rootfs: memory limit in `BYTES` (cgroup memory); 0: no limit")
 	fs.Uint64Var(&f.ctr.Limits.NoFile, "limit-nofile", 0, "with --rootfs: open files per process (RLIMIT_NOFILE); 0: the agent's")
+	fs.BoolVar(&f.ctr.Overlay, "overlay", false, "with --rootfs: leave DIR untouched; the sandbox writes to a layer in memory, gone after")
 	fs.BoolVar(&f.ctr.Privileged, "privileged", false, "with --rootfs: a root command keeps every capability (default: a container runtime's set, no mount or hostname changes)")
 	fs.Uint64Var(&f.ctr.Limits.NProc, "limit-nproc", 0, "with --rootfs: processes per user (RLIMIT_NPROC); 0: the agent's")
 	fs.DurationVar(&f.pump.IdleTimeout, "idle-timeout", ptyio.DefaultIdleTimeout, "end the session when nothing moved (and nothing is queued) this long; negative: never")
