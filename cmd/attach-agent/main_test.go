@@ -324,14 +324,19 @@ func TestSandboxDiesWithTheAgent(t *testing.T) {
 	if err != nil || line != "ready\n" {
 		t.Fatalf("read %q, %v", line, err)
 	}
-	var sandbox []int // the init and the sleep, by their host pids
-	for _, p := range descendants(cmd.Process.Pid) {
-		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); strings.Contains(string(b), "sandbox-init") || strings.HasPrefix(string(b), "sleep") {
-			sandbox = append(sandbox, p)
+	// The init and the sleep, by their host pids (the shell may not have
+	// exec'd the sleep yet when "ready" arrives: wait for it, bounded).
+	var sandbox []int
+	for deadline := time.Now().Add(10 * time.Second); len(sandbox) != 2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox processes %v: want the init and the sleep", sandbox)
 		}
-	}
-	if len(sandbox) != 2 {
-		t.Fatalf("sandbox processes %v: want the init and the sleep", sandbox)
+		sandbox = sandbox[:0]
+		for _, p := range descendants(cmd.Process.Pid) {
+			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p)); strings.Contains(string(b), "sandbox-init") || strings.HasPrefix(string(b), "sleep") {
+				sandbox = append(sandbox, p)
+			}
+		}
 	}
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
