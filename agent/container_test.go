@@ -345,6 +345,14 @@ func TestJoinErrors(t *testing.T) {
 	if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != 127 || !strings.Contains(out, "command not found") {
 		t.Errorf("result %v, client saw %q: want spawn_failed, 127", r, out)
 	}
+	// A working directory missing inside: said as such, not as the program.
+	out, r = runSession(t, h, agent.Spec{
+		Container: container.Spec{PID: pid},
+		Process:   ptyio.Spec{Argv: []string{"true"}, Dir: "/no/such/dir", TTY: true},
+	})
+	if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != 125 || !strings.Contains(out, "working directory") {
+		t.Errorf("result %v, client saw %q: want spawn_failed, 125, the directory", r, out)
+	}
 	if after := mounts(t); after != before {
 		t.Errorf("mounts changed:\n%s\n---\n%s", before, after)
 	}
@@ -545,20 +553,22 @@ func TestSandboxErrors(t *testing.T) {
 		ctr  container.Spec
 		user string
 		argv []string
+		dir  string
 		code int
 		say  string
 	}{
-		{"missing program", container.Spec{Rootfs: root, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/bash"}, 127, "/bin/bash: command not found"},
-		{"not executable", container.Spec{Rootfs: root}, "", []string{"/etc/passwd"}, 126, "not executable"},
-		{"rootfs not a directory", container.Spec{Rootfs: notDir}, "", []string{"/bin/sh"}, 125, "not a directory"},
-		{"user missing inside", container.Spec{Rootfs: root}, "nobody", []string{"/bin/sh"}, 125, "no such user"},
-		{"setup fails inside", container.Spec{Rootfs: broken, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/sh"}, 125, "sandbox: mount point"},
-		{"bad hostname", container.Spec{Rootfs: root, Hostname: "bad host"}, "", []string{"/bin/sh"}, 125, "hostname"},
+		{"missing program", container.Spec{Rootfs: root, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/bash"}, "", 127, "/bin/bash: command not found"},
+		{"not executable", container.Spec{Rootfs: root}, "", []string{"/etc/passwd"}, "", 126, "not executable"},
+		{"rootfs not a directory", container.Spec{Rootfs: notDir}, "", []string{"/bin/sh"}, "", 125, "not a directory"},
+		{"user missing inside", container.Spec{Rootfs: root}, "nobody", []string{"/bin/sh"}, "", 125, "no such user"},
+		{"working directory missing inside", container.Spec{Rootfs: root}, "", []string{"/bin/sh"}, "/no/such/dir", 125, "working directory"},
+		{"setup fails inside", container.Spec{Rootfs: broken, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/sh"}, "", 125, "sandbox: mount point"},
+		{"bad hostname", container.Spec{Rootfs: root, Hostname: "bad host"}, "", []string{"/bin/sh"}, "", 125, "hostname"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, r := runSession(t, h, agent.Spec{
 				Container: tc.ctr, User: tc.user,
-				Process: ptyio.Spec{Argv: tc.argv, TTY: true},
+				Process: ptyio.Spec{Argv: tc.argv, Dir: tc.dir, TTY: true},
 			})
 			if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != tc.code || !strings.Contains(out, tc.say) {
 				t.Errorf("result %v, client saw %q: want spawn_failed, %d, %q", r, out, tc.code, tc.say)

@@ -131,6 +131,9 @@ func startCommand(cfg initConfig) (int, error) {
 	if len(cfg.Argv) == 0 {
 		return 0, errors.New("empty command")
 	}
+	if err := ptyio.CheckDir(cfg.Argv[0], cfg.Dir); err != nil {
+		return 0, err
+	}
 	path, err := ptyio.LookPath(cfg.Argv[0], envValue(cfg.Env, "PATH"), cfg.Dir)
 	if err != nil {
 		return 0, err

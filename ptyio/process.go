@@ -102,6 +102,9 @@ func Start(spec Spec) (*Process, error) {
 	env := withDefaults(spec)
 	path := spec.Argv[0]
 	if spec.Launch == nil {
+		if err := CheckDir(spec.Argv[0], spec.Dir); err != nil {
+			return nil, err
+		}
 		var err error
 		if path, err = LookPath(spec.Argv[0], envValue(env, "PATH"), spec.Dir); err != nil {
 			return nil, err
@@ -368,6 +371,22 @@ func envValue(env []string, key string) string {
 		}
 	}
 	return v
+}
+
+// CheckDir fails clearly for a working directory that is not there: exec
+// would report its ENOENT as the program's ("command not found").
+func CheckDir(name, dir string) error {
+	if dir == "" {
+		return nil
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return &SpawnError{Name: name, Code: 125, Err: fmt.Errorf("working directory: %w", err)}
+	}
+	if !st.IsDir() {
+		return &SpawnError{Name: name, Code: 125, Err: fmt.Errorf("working directory %s: not a directory", dir)}
+	}
+	return nil
 }
 
 // LookPath finds name in the child's PATH (not the agent's), relative to

@@ -135,15 +135,20 @@ func TestTeardownOrder(t *testing.T) {
 func TestStartErrors(t *testing.T) {
 	for _, tc := range []struct {
 		argv []string
+		dir  string
 		code int
 		msg  string
 	}{
-		{[]string{"definitely-not-a-command"}, 127, "command not found"},
-		{[]string{"/etc/passwd"}, 126, "not executable"},
-		{[]string{"/"}, 126, "is a directory"},
-		{nil, 127, "empty command"},
+		{[]string{"definitely-not-a-command"}, "", 127, "command not found"},
+		{[]string{"/etc/passwd"}, "", 126, "not executable"},
+		{[]string{"/"}, "", 126, "is a directory"},
+		{nil, "", 127, "empty command"},
+		// Not "true: command not found", which is what exec's ENOENT for a
+		// missing directory would say.
+		{[]string{"true"}, "/nonexistent-dir", 125, "start true: working directory: stat /nonexistent-dir: no such file"},
+		{[]string{"true"}, "/etc/passwd", 125, "working directory /etc/passwd: not a directory"},
 	} {
-		_, err := Start(Spec{Argv: tc.argv, Env: []string{"PATH=/usr/bin:/bin"}})
+		_, err := Start(Spec{Argv: tc.argv, Dir: tc.dir, Env: []string{"PATH=/usr/bin:/bin"}})
 		var se *SpawnError
 		if !errors.As(err, &se) || se.Code != tc.code || !strings.Contains(err.Error()+se.Err.Error(), tc.msg) {
 			t.Errorf("Start(%q) = %v, want code %d and %q", tc.argv, err, tc.code, tc.msg)
