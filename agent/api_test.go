@@ -345,4 +345,23 @@ func TestAPIUserAndContainer(t *testing.T) {
 		fmt.Sprint(v["container"]) != fmt.Sprintf("map[pid:%d]", pid) {
 		t.Fatalf("GET wait: %d %v", code, v)
 	}
+	// The spawn histogram counts it under place="join", and nothing elsewhere.
+	fams, err := d.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := map[string]uint64{}
+	for _, f := range fams {
+		if f.GetName() == "attach_agent_spawn_duration_seconds" {
+			for _, m := range f.GetMetric() {
+				counts[m.GetLabel()[0].GetValue()] = m.GetHistogram().GetSampleCount()
+			}
+		}
+	}
+	if want := map[string]uint64{"host": 0, "join": 1, "sandbox": 0}; fmt.Sprint(counts) != fmt.Sprint(want) {
+		t.Errorf("spawn histogram counts %v, want %v", counts, want)
+	}
+	if problems, err := testutil.GatherAndLint(d.reg); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
 }

@@ -285,7 +285,7 @@ func (m *Manager) Create(req Request) (View, error) {
 		close(s.done)
 		if m.cfg.Metrics != nil {
 			m.cfg.Metrics.Active.Dec()
-			m.cfg.Metrics.observe(r)
+			m.cfg.Metrics.observe(s.spec, r)
 		}
 		m.changed(active)
 	}()

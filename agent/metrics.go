@@ -2,6 +2,8 @@ package agent
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/attach-agent/attach-agent/container"
 )
 
 // Metrics are the agent's Prometheus metrics. Every label value is from a
@@ -19,6 +21,7 @@ type Metrics struct {
 	SessionDuration prometheus.Histogram
 	SlowHandshakes  prometheus.Counter
 	EmptyReads      prometheus.Counter
+	Spawn           *prometheus.HistogramVec // place: host, join, sandbox
 }
 
 // NewMetrics creates the metrics and registers them with reg (never the
@@ -60,6 +63,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		EmptyReads: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "attach_agent_reads_without_progress_total", Help: "Reads that returned neither bytes nor an error (bounded, never spun on).",
 		}),
+		Spawn: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "attach_agent_spawn_duration_seconds", Help: "Starting the command once a client is there (user lookup, namespaces, sandbox setup), by where it runs.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
+		}, []string{"place"}),
 	}
 	for _, r := range Reasons {
 		m.Ended.WithLabelValues(string(r))
@@ -73,15 +80,21 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"success", "failure"} {
 		m.DialAttempts.WithLabelValues(r)
 	}
+	for _, p := range container.Places {
+		m.Spawn.WithLabelValues(p)
+	}
 	reg.MustRegister(m.Active, m.Ended, m.Exits, m.Bytes, m.TLSHandshake, m.Dial, m.FirstByte,
-		m.DialAttempts, m.SessionDuration, m.SlowHandshakes, m.EmptyReads)
+		m.DialAttempts, m.SessionDuration, m.SlowHandshakes, m.EmptyReads, m.Spawn)
 	return m
 }
 
 // observe records a finished session. Nil-safe.
-func (m *Metrics) observe(r Result) {
+func (m *Metrics) observe(spec Spec, r Result) {
 	if m == nil {
 		return
+	}
+	if r.Timings.Spawn > 0 {
+		m.Spawn.WithLabelValues(spec.Container.Place()).Observe(r.Timings.Spawn.Seconds())
 	}
 	m.Ended.WithLabelValues(string(r.Reason)).Inc()
 	if r.Started {

@@ -114,6 +114,21 @@ func validHostname(h string) error {
 	return nil
 }
 
+// Places are the values of Place, for metrics created up front.
+var Places = []string{"host", "join", "sandbox"}
+
+// Place is where the command runs, as a metric label: host, join or
+// sandbox.
+func (s Spec) Place() string {
+	switch {
+	case s.PID != 0:
+		return "join"
+	case s.Rootfs != "":
+		return "sandbox"
+	}
+	return "host"
+}
+
 // String names the place for logs: "host", "pid N" or "rootfs DIR".
 func (s Spec) String() string {
 	switch {
