@@ -139,6 +139,11 @@ func spawnError(name string, err error) error {
 	}
 	code := 125
 	switch {
+	case errors.Is(err, syscall.EPERM):
+		// Not the program's fault: the agent may not switch to the user
+		// (setuid, setgroups) or take the terminal. exec itself says
+		// EACCES for a file it may not run.
+		err = fmt.Errorf("%w (refused to the agent: switching users or groups needs root)", err)
 	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOENT):
 		code = 127
 	case errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.ENOEXEC):

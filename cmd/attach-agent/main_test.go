@@ -389,3 +389,24 @@ func TestSandboxNeedsRoot(t *testing.T) {
 		t.Fatalf("demo as nobody: %v, output %q: want exit 125 naming root", err, out)
 	}
 }
+
+// Without root, running as another user fails as the agent's failure
+// (125) with the reason, not as "not executable" (126).
+func TestUserNeedsRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (to run the agent as nobody)")
+	}
+	bin := buildAgent(t)
+	for _, d := range []string{filepath.Dir(bin), filepath.Dir(filepath.Dir(bin))} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(bin, "demo", "--no-tty", "--user", "daemon", "--", "/bin/sh", "-c", `echo comm""and-ran`)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 125 || !strings.Contains(string(out), "switching users or groups needs root") || strings.Contains(string(out), "command-ran") {
+		t.Fatalf("demo as nobody with --user daemon: %v, output %q: want exit 125 naming root", err, out)
+	}
+}
