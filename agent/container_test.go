@@ -546,6 +546,11 @@ func TestSandboxErrors(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(broken, "proc"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// A root whose /sys is a symlink out of it: refused, not followed.
+	escaping := buildRootfs(t)
+	if err := os.Symlink("/sys/fs/cgroup", filepath.Join(escaping, "sys")); err != nil {
+		t.Fatal(err)
+	}
 	before := sandboxLeftovers(t)
 	h := newHarness(t, nil)
 	for _, tc := range []struct {
@@ -563,6 +568,7 @@ func TestSandboxErrors(t *testing.T) {
 		{"user missing inside", container.Spec{Rootfs: root}, "nobody", []string{"/bin/sh"}, "", 125, "no such user"},
 		{"working directory missing inside", container.Spec{Rootfs: root}, "", []string{"/bin/sh"}, "/no/such/dir", 125, "working directory"},
 		{"setup fails inside", container.Spec{Rootfs: broken, Limits: container.Limits{Pids: 10}}, "", []string{"/bin/sh"}, "", 125, "sandbox: mount point"},
+		{"mount point is a symlink", container.Spec{Rootfs: escaping}, "", []string{"/bin/sh"}, "", 125, "is a symlink: refusing to mount on it"},
 		{"bad hostname", container.Spec{Rootfs: root, Hostname: "bad host"}, "", []string{"/bin/sh"}, "", 125, "hostname"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -868,5 +874,27 @@ func TestSandboxOverlay(t *testing.T) {
 	waitLeftovers(t, before)
 	if after, _ := filepath.Glob(filepath.Join(os.TempDir(), "attach-agent-sandbox-*")); len(after) != len(scratchBefore) {
 		t.Errorf("scratch directories left: %v (before %v)", after, scratchBefore)
+	}
+}
+
+// With the host's network, the sandbox resolves names as the host does:
+// the host's resolv.conf, read-only; with none, there is nothing to use.
+func TestSandboxResolvConf(t *testing.T) {
+	needRoot(t)
+	host, err := os.ReadFile("/etc/resolv.conf")
+	if err != nil {
+		t.Skip("the host has no /etc/resolv.conf")
+	}
+	root := buildRootfs(t)
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		Container: container.Spec{Rootfs: root, Overlay: true},
+		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "cat /etc/resolv.conf; echo x >> /etc/resolv.conf || echo read-only"}},
+	})
+	if r.Reason != ptyio.ReasonExited || !strings.HasPrefix(out, string(host)) || !strings.HasSuffix(out, "read-only\n") {
+		t.Errorf("result %v, output %q: want the host's resolv.conf, read-only", r, out)
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc/resolv.conf")); err == nil {
+		t.Error("resolv.conf created in the root directory under overlay")
 	}
 }

@@ -179,6 +179,13 @@ func setupSandbox(cfg initConfig) error {
 	if err := setupDev(r, cfg.TTY); err != nil {
 		return err
 	}
+	if !cfg.NoNet {
+		// The host's resolver, read-only, so names resolve as on the host
+		// (an image rarely brings a resolv.conf that fits the host).
+		if err := bindResolvConf(r); err != nil {
+			return err
+		}
+	}
 	if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 		return fmt.Errorf("hostname: %w", err)
 	}
@@ -278,9 +285,37 @@ func bindConsole(target string) error {
 	return bindFile(name, target)
 }
 
+// bindResolvConf binds the host's /etc/resolv.conf read-only over the
+// sandbox's, when the host has one, the root has an /etc, and its
+// resolv.conf is not a symlink.
+func bindResolvConf(r string) error {
+	if st, err := os.Lstat(filepath.Join(r, "etc")); err != nil || !st.IsDir() {
+		return nil // no /etc (or a symlink, which would resolve on the host)
+	}
+	target := filepath.Join(r, "etc/resolv.conf")
+	if st, err := os.Lstat(target); err == nil && st.Mode()&fs.ModeSymlink != 0 {
+		return nil // the image manages its own resolver
+	}
+	if _, err := os.Stat("/etc/resolv.conf"); err != nil {
+		return nil
+	}
+	if err := bindFile("/etc/resolv.conf", target); err != nil {
+		return fmt.Errorf("resolv.conf: %w", err)
+	}
+	// A bind mount takes read-only only on a remount.
+	if err := unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+		return fmt.Errorf("resolv.conf read-only: %w", err)
+	}
+	return nil
+}
+
 // mountAt mounts fstype on dir/name, creating the directory if missing.
 func mountAt(dir, name, source, fstype string, flags uintptr, data string) error {
 	target := filepath.Join(dir, name)
+	if st, err := os.Lstat(target); err == nil && st.Mode()&fs.ModeSymlink != 0 {
+		// Resolved now, before pivot_root, it would lead out of the root.
+		return fmt.Errorf("%s is a symlink: refusing to mount on it", target)
+	}
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return fmt.Errorf("mount point %s: %w", target, err)
 	}
@@ -292,12 +327,18 @@ func mountAt(dir, name, source, fstype string, flags uintptr, data string) error
 
 // bindFile binds the file src onto a new empty file at target.
 func bindFile(src, target string) error {
-	f, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY, 0o666)
-	if err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("create %s: %w", target, err)
-	}
-	if f != nil {
+	switch st, err := os.Lstat(target); {
+	case errors.Is(err, fs.ErrNotExist):
+		f, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY|unix.O_NOFOLLOW, 0o666)
+		if err != nil {
+			return fmt.Errorf("create %s: %w", target, err)
+		}
 		_ = f.Close()
+	case err != nil:
+		return err
+	case st.Mode()&fs.ModeSymlink != 0:
+		// Resolved now, before pivot_root, it would lead out of the root.
+		return fmt.Errorf("%s is a symlink: refusing to mount on it", target)
 	}
 	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind %s on %s: %w", src, target, err)
