@@ -39,7 +39,7 @@ func (f *sessionFlags) register(fs *flagSet) {
 	fs.BoolVar(&f.shell, "shell", false, "COMMAND is one string, run with bash -c (sh -c where bash is missing)")
 	fs.BoolVar(&f.marker, "exit-status-marker", false, "after all output, write the Heroku CLI's exit-status line")
 	fs.BoolVar(&f.keepEOFByte, "binary-input", false, "with --no-tty, pass 0x04 through instead of taking it as end of input")
-	fs.Var(&f.env, "env", "`K=V` for the command's environment (repeatable); the command gets only these (plus PATH, and TERM with a pty)")
+	fs.Var(&f.env, "env", "`K=V` for the command's environment (repeatable); the command gets only these (plus PATH; TERM, COLUMNS and LINES with a pty; HOME, USER, LOGNAME and SHELL with --user)")
 	fs.IntVar(&f.cols, "cols", 0, "pty width (default: COLUMNS from --env, else 80)")
 	fs.IntVar(&f.lines, "lines", 0, "pty height (default: LINES from --env, else 24)")
 	fs.StringVar(&f.dir, "dir", "", "working `directory` of the command (default: the user's home with --user or a container, else the agent's)")
