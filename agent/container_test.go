@@ -303,11 +303,19 @@ func TestJoinUserNamespace(t *testing.T) {
 	for _, tc := range []struct{ user, want string }{
 		{"", "uid=0(root) gid=0(root)"},
 		{"nobody", "uid=65534(nobody) gid=65534(nogroup)"},
+		// Its terminal is its own as the container numbers it (uid 1 is
+		// 100001 on the host).
+		{"daemon", "uid=1(daemon) gid=1(daemon)"},
 	} {
 		out, r := runSession(t, h, agent.Spec{
 			Container: container.Spec{PID: pid}, User: tc.user,
-			Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) pwd=$(pwd)"; id; cat /proc/self/uid_map; cat /proc/self/cgroup`), TTY: true},
+			Process: ptyio.Spec{Argv: sh(`echo "host=$(hostname) pid1=$(cat /proc/1/comm) pwd=$(pwd)"; id; ` +
+				`echo "tty owner $(stat -c %u $(tty))"; cat /proc/self/uid_map; cat /proc/self/cgroup`), TTY: true},
 		})
+		wantOwner := map[string]string{"": "0", "nobody": "65534", "daemon": "1"}[tc.user]
+		if !strings.Contains(out, "tty owner "+wantOwner+"\n") {
+			t.Errorf("user %q: want the terminal owned by uid %s inside: %q", tc.user, wantOwner, out)
+		}
 		for _, cg := range cgroups {
 			if !strings.Contains(out, ":"+cg+"\n") {
 				t.Errorf("user %q: want cgroup %q in %q", tc.user, cg, out)

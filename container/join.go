@@ -3,9 +3,11 @@ package container
 import (
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 
 	"github.com/attach-agent/attach-agent/ptyio"
 	"golang.org/x/sys/unix"
@@ -200,6 +202,17 @@ func nsenterStart(cmd *exec.Cmd, pid int, cg *cgroupPlan) error {
 	if c := attr.Credential; c != nil {
 		args = append(args, "--setuid", fmt.Sprint(c.Uid), "--setgid", fmt.Sprint(c.Gid))
 		attr.Credential = nil // nsenter needs root to enter; it switches after
+		// The terminal was handed to the uid as the host numbers it; in
+		// the container's namespace that uid is another host uid.
+		if tty, ok := cmd.Stdin.(*os.File); ok && attr.Setctty {
+			hostUID, err := hostID(pid, "uid_map", c.Uid)
+			if err != nil {
+				return err
+			}
+			if err := tty.Chown(int(hostUID), -1); err != nil {
+				return fmt.Errorf("container: hand the pty to uid %d: %w", hostUID, err)
+			}
+		}
 	}
 	// Without a user, nsenter makes the command root inside, as the agent
 	// is outside.
@@ -213,4 +226,20 @@ func nsenterStart(cmd *exec.Cmd, pid int, cg *cgroupPlan) error {
 	}
 	cg.apply(attr)
 	return cmd.Start()
+}
+
+// hostID maps id, as the user namespace of pid numbers it, to the agent's
+// numbering through /proc/PID/uid_map or gid_map.
+func hostID(pid int, mapFile string, id uint32) (uint32, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, mapFile))
+	if err != nil {
+		return 0, fmt.Errorf("container: pid %d: %s: %w", pid, mapFile, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var inside, outside, n uint64
+		if _, err := fmt.Sscan(line, &inside, &outside, &n); err == nil && uint64(id) >= inside && uint64(id) < inside+n {
+			return uint32(outside + uint64(id) - inside), nil
+		}
+	}
+	return 0, fmt.Errorf("container: pid %d: id %d is not mapped in its user namespace: pick a user the container maps", pid, id)
 }
