@@ -483,7 +483,7 @@ func sandboxLeftovers(t testing.TB) string {
 	t.Helper()
 	var groups []string
 	for _, c := range []string{"pids", "memory", "unified", ""} {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", "sandbox-*"))
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", "*-*"))
 		groups = append(groups, m...)
 	}
 	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", childrenOf(os.Getpid()), groups, mounts(t))
@@ -905,4 +905,32 @@ func TestSandboxResolvConf(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, "etc/resolv.conf")); err == nil {
 		t.Error("resolv.conf created in the root directory under overlay")
 	}
+}
+
+// A host session leaves nothing behind: a daemon that called setsid (out
+// of the process group the pump ends) is killed with the session's
+// cgroup, which is then removed.
+func TestHostSessionLeavesNothing(t *testing.T) {
+	needRoot(t)
+	pidFile := filepath.Join(t.TempDir(), "daemon.pid")
+	before := sandboxLeftovers(t)
+	h := newHarness(t, nil)
+	out, r := runSession(t, h, agent.Spec{
+		Process: ptyio.Spec{Argv: sh(`setsid sh -c 'echo $$ > ` + pidFile + `; exec sleep 1000' </dev/null >/dev/null 2>&1 &
+			while [ ! -s ` + pidFile + ` ]; do sleep 0.01; done; echo started`), TTY: true},
+	})
+	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 || !strings.Contains(out, "started") {
+		t.Fatalf("result %v, output %q", r, out)
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) }) // should be gone already
+	waitGone(t, pid)
+	waitLeftovers(t, before)
 }

@@ -49,7 +49,7 @@ func newCgroup(l Limits) (*cgroup, error) {
 	if len(want) == 0 {
 		return cg, nil
 	}
-	name := "sandbox-" + randomHex(6)
+	name := groupName("sandbox")
 	for _, c := range want {
 		dir, err := makeGroup(c, name)
 		if err != nil {
@@ -174,6 +174,44 @@ func killAll(dir string) {
 			_ = syscall.Kill(pid, syscall.SIGKILL) // gone already is fine
 		}
 	}
+}
+
+// groupName names a session's or sandbox's group after the agent that
+// owns it (KIND-PID-RANDOM), so that a later agent can tell the groups of
+// one that died (see Sweep).
+func groupName(kind string) string {
+	return fmt.Sprintf("%s-%d-%s", kind, os.Getpid(), randomHex(6))
+}
+
+// Sweep ends what agents that are gone left behind: the groups of their
+// sessions and sandboxes (an agent killed with SIGKILL removes none), with
+// any process still in them. Groups of a live agent are left alone. It
+// returns how many groups it removed. The daemon calls it at start.
+func Sweep() int {
+	mounts, err := cgroupMounts()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, m := range mounts {
+		groups, _ := filepath.Glob(filepath.Join(m.dir, cgroupParent, "*-*-*"))
+		for _, g := range groups {
+			f := strings.Split(filepath.Base(g), "-")
+			if len(f) != 3 || f[0] != "session" && f[0] != "sandbox" {
+				continue
+			}
+			pid, err := strconv.Atoi(f[1])
+			if err != nil || pid <= 0 || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+				continue // an agent still there (or one we cannot tell): its own
+			}
+			cg := &cgroup{dirs: []string{g}}
+			cg.remove()
+			if _, err := os.Stat(g); err != nil {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 func randomHex(n int) string {

@@ -157,8 +157,11 @@ func (s Spec) Root() string {
 // credentials, HOME, USER, LOGNAME and SHELL, a working directory (the
 // user's home there, else "/", when none is given and the command does
 // not run as the agent on the host), and a Launch that starts the command
-// inside. The returned release is to be called once the command is gone
-// (it removes a sandbox's cgroup); it is never nil.
+// inside. On the host the command is born in a cgroup of the session's own
+// where one can be made, so that what it leaves behind can be ended.
+// The returned release is to be called once the command is gone (it ends
+// such leftovers and removes the session's or sandbox's cgroup); it is
+// never nil.
 func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 	release = func() {}
 	if err := s.Validate(); err != nil {
@@ -204,6 +207,10 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 		}
 	}
 	switch {
+	case s.IsZero():
+		if t := newTracker(); t != nil {
+			p.Launch, release = t.launch, t.release
+		}
 	case s.PID != 0:
 		p.Launch = agentFailures(joinLaunch(s.PID))
 	case s.Rootfs != "":

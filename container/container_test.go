@@ -2,9 +2,13 @@ package container
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
 	"github.com/attach-agent/attach-agent/ptyio"
@@ -87,5 +91,63 @@ func TestApplyErrors(t *testing.T) {
 		if p.Launch != nil || p.SysProcAttr != nil {
 			t.Errorf("%+v: a failed Apply changed the spec", tc.s)
 		}
+	}
+}
+
+// Sweep ends the groups of an agent that is gone, with what runs in them,
+// and leaves a live agent's alone.
+func TestSweep(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	mounts, err := cgroupMounts()
+	if err != nil || len(mounts) == 0 {
+		t.Skip("no cgroup hierarchy mounted")
+	}
+	m := mounts[0]
+	for _, c := range mounts {
+		if c.v2 && c.root == "/" {
+			m = c
+		}
+	}
+	parent := filepath.Join(m.dir, cgroupParent)
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dead := filepath.Join(parent, "session-2147483647-"+randomHex(6)) // above any pid_max: gone
+	live := filepath.Join(parent, groupName("session"))               // ours
+	for _, d := range []string{dead, live} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { (&cgroup{dirs: []string{live, dead}}).remove() })
+	// A process the dead agent left running in its group.
+	cmd := exec.Command("sleep", "1000")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	if err := os.WriteFile(filepath.Join(dead, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := Sweep(); n != 1 {
+		t.Errorf("Sweep removed %d groups, want 1", n)
+	}
+	if _, err := os.Stat(dead); err == nil {
+		t.Error("the dead agent's group is still there")
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("our own group went: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("the left-behind process ended with %v, want SIGKILL", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the left-behind process is still running")
 	}
 }

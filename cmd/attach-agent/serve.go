@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 )
 
@@ -81,6 +82,11 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	reg.MustRegister(build)
 	metrics := agent.NewMetrics(reg)
 
+	// What an agent killed before us left running (its sessions' and
+	// sandboxes' groups) ends now, not never.
+	if n := container.Sweep(); n > 0 {
+		log.Warn("ended what a previous agent left behind", "cgroups", n)
+	}
 	notify := func(state string) { _, _ = daemon.SdNotify(false, state) } // best effort: no systemd, no-op
 	mgr := agent.NewManager(agent.ManagerConfig{
 		Dial: dcfg, Pump: pump, MaxSessions: maxSessions, MaxPairTimeout: maxPair, MaxIdleTimeout: maxIdle,
