@@ -111,6 +111,14 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 		return res
 	}
 
+	// Where and as whom the command will run is settled while nobody
+	// waits: the user lookup and the session's cgroups come before the
+	// dial. A failure is told to the client once paired, and nothing
+	// runs before that either way.
+	ps := spec.Process
+	release, applyErr := container.Apply(spec.Container, spec.User, &ps)
+	defer release() // after the process and its sandbox are gone
+
 	conn, err := tlsdial.Dial(ctx, spec.URL, spec.Dial)
 	if err != nil {
 		var de *tlsdial.DialError
@@ -140,11 +148,8 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 
 	// Only now, with somebody attached, does the command run.
 	ts := time.Now()
-	ps := spec.Process
-	release, err := container.Apply(spec.Container, spec.User, &ps)
-	defer release() // after the process and its sandbox are gone (deferred before the pump returns)
 	var proc *ptyio.Process
-	if err == nil {
+	if err = applyErr; err == nil {
 		proc, err = ptyio.Start(ps)
 	}
 	res.Timings.Spawn = time.Since(ts)
