@@ -111,13 +111,22 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 		return res
 	}
 
-	// Where and as whom the command will run is settled while nobody
-	// waits: the user lookup and the session's cgroups come before the
-	// dial. A failure is told to the client once paired, and nothing
-	// runs before that either way.
+	// Where and as whom the command will run (the user lookup, the
+	// session's cgroups) is settled while the dial is on the wire, off the
+	// path to the first byte. A failure is told to the client once paired;
+	// nothing runs before that either way.
 	ps := spec.Process
-	release, applyErr := container.Apply(spec.Container, spec.User, &ps)
-	defer release() // after the process and its sandbox are gone
+	var release func()
+	var applyErr error
+	applied := make(chan struct{})
+	go func() {
+		defer close(applied)
+		release, applyErr = container.Apply(spec.Container, spec.User, &ps)
+	}()
+	defer func() {
+		<-applied
+		release() // after the process and its sandbox are gone
+	}()
 
 	conn, err := tlsdial.Dial(ctx, spec.URL, spec.Dial)
 	if err != nil {
@@ -148,6 +157,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 
 	// Only now, with somebody attached, does the command run.
 	ts := time.Now()
+	<-applied
 	var proc *ptyio.Process
 	if err = applyErr; err == nil {
 		proc, err = ptyio.Start(ps)
