@@ -279,9 +279,17 @@ func planCgroups(target int) (*cgroupPlan, error) {
 	if err != nil {
 		return nil, fmt.Errorf("container: cgroup mounts: %w", err)
 	}
+	// Groups the agent is in already need no move (each move is a
+	// migration the kernel serialises with every fork on the host).
+	own := map[string]bool{}
+	if mine, err := os.ReadFile("/proc/self/cgroup"); err == nil {
+		for _, line := range strings.Split(string(mine), "\n") {
+			own[line] = true
+		}
+	}
 	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
+		if len(parts) != 3 || own[line] {
 			continue
 		}
 		m := findMount(mounts, parts[1])

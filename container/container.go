@@ -212,7 +212,11 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 			p.Launch, release = t.launch, t.release
 		}
 	case s.PID != 0:
-		p.Launch = agentFailures(joinLaunch(s.PID))
+		cg, err := planCgroups(s.PID) // read now, off the spawn path
+		if err != nil {
+			return release, err
+		}
+		p.Launch, release = agentFailures(joinLaunch(s.PID, cg)), cg.close
 	case s.Rootfs != "":
 		cg, err := newCgroup(s.Limits)
 		if err != nil {

@@ -34,13 +34,8 @@ var joinOrder = []struct {
 // namespaces (the PID namespace as "for children"). The thread is never
 // unlocked, so Go discards it when the goroutine ends, and the runtime
 // never starts new threads from a locked one: nothing else runs inside.
-func joinLaunch(pid int) func(*exec.Cmd) error {
+func joinLaunch(pid int, cg *cgroupPlan) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
-		cg, err := planCgroups(pid)
-		if err != nil {
-			return err
-		}
-		defer cg.close()
 		same, err := sameNS(pid, "user")
 		if err != nil {
 			return err
