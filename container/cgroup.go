@@ -270,7 +270,6 @@ type cgroupPlan struct {
 
 // planCgroups finds target's groups in the hierarchies mounted here.
 func planCgroups(target int) (*cgroupPlan, error) {
-	plan := &cgroupPlan{v2fd: -1}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", target))
 	if err != nil {
 		return nil, fmt.Errorf("container: pid %d: its cgroups: %w", target, err)
@@ -279,15 +278,21 @@ func planCgroups(target int) (*cgroupPlan, error) {
 	if err != nil {
 		return nil, fmt.Errorf("container: cgroup mounts: %w", err)
 	}
+	mine, _ := os.ReadFile("/proc/self/cgroup") // unknown: every group is moved into
+	return planFrom(target, string(b), string(mine), mounts)
+}
+
+// planFrom plans from target's /proc/PID/cgroup (theirs), the agent's
+// (mine) and the hierarchies mounted here.
+func planFrom(target int, theirs, mine string, mounts []cgroupMount) (*cgroupPlan, error) {
+	plan := &cgroupPlan{v2fd: -1}
 	// Groups the agent is in already need no move (each move is a
 	// migration the kernel serialises with every fork on the host).
 	own := map[string]bool{}
-	if mine, err := os.ReadFile("/proc/self/cgroup"); err == nil {
-		for _, line := range strings.Split(string(mine), "\n") {
-			own[line] = true
-		}
+	for _, line := range strings.Split(mine, "\n") {
+		own[line] = true
 	}
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+	for _, line := range strings.Split(strings.TrimSpace(theirs), "\n") {
 		parts := strings.SplitN(line, ":", 3)
 		if len(parts) != 3 || own[line] {
 			continue
@@ -295,6 +300,10 @@ func planCgroups(target int) (*cgroupPlan, error) {
 		m := findMount(mounts, parts[1])
 		if m == nil {
 			continue // a hierarchy not mounted here
+		}
+		if strings.HasPrefix(parts[2], "/..") {
+			plan.close()
+			return nil, fmt.Errorf("container: pid %d: its cgroup %s is outside the agent's cgroup namespace: run the agent in the host's (the container's limits could not hold the command)", target, parts[2])
 		}
 		rel := parts[2]
 		if m.root != "/" {

@@ -1,6 +1,7 @@
 package container
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -149,5 +150,40 @@ func TestSweep(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the left-behind process is still running")
+	}
+}
+
+func TestPlanFrom(t *testing.T) {
+	tmp := t.TempDir()
+	for _, d := range []string{"memory/ctr", "unified/ctr", "pids/ctr"} {
+		if err := os.MkdirAll(filepath.Join(tmp, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mounts := []cgroupMount{
+		{dir: filepath.Join(tmp, "memory"), root: "/", opts: map[string]bool{"rw": true, "memory": true}},
+		{dir: filepath.Join(tmp, "pids"), root: "/sub", opts: map[string]bool{"pids": true}},
+		{dir: filepath.Join(tmp, "unified"), root: "/", v2: true},
+	}
+	mine := "5:cpu:/\n4:memory:/\n3:pids:/sub\n0::/\n"
+	theirs := "5:cpu:/ctr\n4:memory:/ctr\n3:pids:/sub/ctr\n2:devices:/\n1:freezer:/x\n0::/ctr\n"
+	plan, err := planFrom(7, theirs, mine, mounts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plan.close()
+	// cpu and freezer are not mounted here; devices is ours already.
+	want := []string{filepath.Join(tmp, "memory/ctr/tasks"), filepath.Join(tmp, "pids/ctr/tasks")}
+	if fmt.Sprint(plan.tasks) != fmt.Sprint(want) || plan.v2fd < 0 {
+		t.Errorf("plan %v, v2 fd %d; want %v and an fd", plan.tasks, plan.v2fd, want)
+	}
+	// Everything the agent shares: nothing to move.
+	same, err := planFrom(7, mine, mine, mounts)
+	if err != nil || len(same.tasks) != 0 || same.v2fd >= 0 {
+		t.Errorf("same groups: %+v, %v", same, err)
+	}
+	// A group outside the agent's cgroup namespace: a clear error.
+	if _, err := planFrom(7, "0::/../../kubepods/pod1\n", mine, mounts); err == nil || !strings.Contains(err.Error(), "outside the agent's cgroup namespace") {
+		t.Errorf("outside the namespace: %v", err)
 	}
 }
