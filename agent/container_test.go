@@ -483,7 +483,8 @@ func sandboxLeftovers(t testing.TB) string {
 	t.Helper()
 	var groups []string
 	for _, c := range []string{"pids", "memory", "unified", ""} {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", "*-*"))
+		// This test binary's own groups: other packages' tests run beside it.
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("*-%d-*", os.Getpid())))
 		groups = append(groups, m...)
 	}
 	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", childrenOf(os.Getpid()), groups, mounts(t))
@@ -723,7 +724,7 @@ func TestSandboxLimits(t *testing.T) {
 	}
 	var dirs []string
 	for _, c := range []string{"pids", "memory", "unified", ""} {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", "sandbox-*"))
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("sandbox-%d-*", os.Getpid())))
 		dirs = append(dirs, m...)
 	}
 	if len(dirs) == 0 {

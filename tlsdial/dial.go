@@ -189,6 +189,7 @@ func Dial(ctx context.Context, u URL, cfg Config) (*Conn, error) {
 	tcfg := clientTLS(cfg.TLS, u.Host)
 	backoff := cfg.BackoffInitial
 	attempts := 0
+	var lastErr error
 	for {
 		attempts++
 		c, err := dialOnce(ctx, u, cfg, tcfg)
@@ -198,6 +199,12 @@ func Dial(ctx context.Context, u URL, cfg Config) (*Conn, error) {
 			c.slow = cfg.SlowHandshake
 			return c, nil
 		}
+		if ctx.Err() != nil && lastErr != nil {
+			// Our own deadline cut this attempt short: the reason worth
+			// reporting is what the attempts before it met (refused, reset).
+			err = lastErr
+		}
+		lastErr = err
 		if !transient(err) {
 			return nil, &DialError{Addr: u.Addr(), Attempts: attempts, Elapsed: time.Since(start), Permanent: true, Err: err}
 		}
