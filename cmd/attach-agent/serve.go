@@ -82,6 +82,11 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	reg.MustRegister(build)
 	metrics := agent.NewMetrics(reg)
 
+	if os.Getpid() == 1 {
+		// Orphans of sessions would be re-parented to us, and we reap only
+		// our own commands (a wait for any child would take their statuses).
+		log.Warn("running as PID 1: orphaned processes of sessions will stay zombies; run under an init (docker run --init, tini)")
+	}
 	// What an agent killed before us left running (its sessions' and
 	// sandboxes' groups) ends now, not never.
 	if n := container.Sweep(); n > 0 {
