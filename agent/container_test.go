@@ -430,7 +430,9 @@ func TestSandbox(t *testing.T) {
 	before := mounts(t)
 	h := newHarness(t, nil)
 	script := `echo "host=$(hostname) pid1=$(cat /proc/1/cmdline | tr '\0' ' ') tty=$(tty)"
-(sleep 0.2 &) ; sleep 1
+(sleep 0.2 & echo $! > /tmp/orphan); o=$(cat /tmp/orphan); i=0
+while [ -e /proc/$o ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+if [ -e /proc/$o ]; then echo "orphan still $(cut -d' ' -f3 /proc/$o/stat)"; else echo "orphan reaped"; fi
 for p in /proc/[0-9]*; do echo "proc ${p#/proc/} $(cat $p/stat | cut -d' ' -f3) $(cat $p/comm)"; done
 set -m; sleep 30 & echo "pgrp sh=$(cut -d' ' -f5 /proc/$$/stat) bg=$(cut -d' ' -f5 /proc/$!/stat) fg=$(cut -d' ' -f8 /proc/$$/stat) self=$$"
 stty size; kill %1 && echo "job control ok"`
@@ -442,7 +444,9 @@ stty size; kill %1 && echo "job control ok"`
 	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
 		t.Fatalf("result %v, output %q", r, out)
 	}
-	for _, want := range []string{"host=one-off-7 ", "pid1=attach-agent __sandbox-init ", "tty=/dev/console\n", "24 80\n", "job control ok\n"} {
+	for _, want := range []string{"host=one-off-7 ", "pid1=attach-agent __sandbox-init ", "tty=/dev/console\n", "24 80\n", "job control ok\n",
+		"orphan reaped\n", // its zombie is gone: the init reaped it
+	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("want %q in %q", want, out)
 		}
