@@ -168,7 +168,7 @@ func startContainer(t testing.TB, hostname string, userns bool) int {
 	if userns {
 		// The inner unshare waits until the test has written the maps.
 		args = []string{"unshare", "--user", "sh", "-c",
-			`while [ -z "$(cat /proc/self/uid_map)" ]; do sleep 0.01; done; exec "$@"`, "sh"}
+			`i=0; while [ -z "$(cat /proc/self/uid_map)" ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; exec "$@"`, "sh"}
 		args = append(args, inner...)
 	}
 	cmd := exec.Command(args[0], args[1:]...)
@@ -922,7 +922,7 @@ func TestHostSessionLeavesNothing(t *testing.T) {
 	h := newHarness(t, nil)
 	out, r := runSession(t, h, agent.Spec{
 		Process: ptyio.Spec{Argv: sh(`setsid sh -c 'echo $$ > ` + pidFile + `; exec sleep 1000' </dev/null >/dev/null 2>&1 &
-			while [ ! -s ` + pidFile + ` ]; do sleep 0.01; done; echo started`), TTY: true},
+			i=0; while [ ! -s ` + pidFile + ` ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; echo started`), TTY: true},
 	})
 	if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 || !strings.Contains(out, "started") {
 		t.Fatalf("result %v, output %q", r, out)
