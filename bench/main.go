@@ -34,12 +34,14 @@ import (
 	"golang.org/x/term"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
 func main() {
+	container.Main() // sessions of this binary could run in sandboxes: it is their init then
 	if len(os.Args) > 1 && (os.Args[1] == "agent" || os.Args[1] == "ref") {
 		code := child(os.Args[1], os.Args[2:])
 		fmt.Printf("vmhwm_kib %d\n", vmHWM())
