@@ -78,6 +78,9 @@ func (e *env) url() tlsdial.URL {
 }
 
 func bench(downloadMiB, echoMiB, trips, setups, rounds int) error {
+	// The bench kills agents (it ends echo and latency sessions so); end
+	// what their sessions' cgroups still hold once all of them are gone.
+	defer container.Sweep()
 	e := &env{relay: &rendezvous.Relay{}}
 	if err := e.relay.Listen("tcp", "127.0.0.1:0"); err != nil {
 		return err

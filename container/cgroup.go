@@ -154,8 +154,8 @@ func (cg *cgroup) remove() {
 	for _, dir := range cg.dirs {
 		for {
 			err := os.Remove(dir)
-			if err == nil || errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
-				break
+			if !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
+				break // gone, or not ours to remove (EACCES, ...): waiting would not help
 			}
 			killAll(dir)
 			time.Sleep(10 * time.Millisecond) // the kernel gives no event for an emptied v1 group

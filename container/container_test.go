@@ -187,3 +187,23 @@ func TestPlanFrom(t *testing.T) {
 		t.Errorf("outside the namespace: %v", err)
 	}
 }
+
+// remove waits (bounded) only for a group that is busy; a directory it may
+// not remove is left at once: a non-root agent's Sweep once took 5 s per
+// group another agent left, 80 s at start.
+func TestRemoveGivesUpOnWhatIsNotBusy(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "session-1-abc")
+	if err := os.MkdirAll(filepath.Join(dir, "child"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { (&cgroup{dirs: []string{dir}}).remove(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(4 * time.Second): // the busy wait's bound is 5 s
+		t.Fatal("remove kept retrying a directory that is not a busy cgroup")
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Errorf("a non-empty directory went: %v", err)
+	}
+}
