@@ -205,7 +205,10 @@ func TestFirstLineVariants(t *testing.T) {
 	// The Heroku CLI sends "\r\n", Ruby clients "\n", one Python client no
 	// terminator at all; all three must pair.
 	e := start(t, &rendezvous.Relay{BareSecretWait: 100 * time.Millisecond})
-	for _, ends := range [][2]string{{"\r\n", "\n"}, {"\n", ""}, {"", "\r\n"}} {
+	for v, ends := range [][2]string{{"\r\n", "\n"}, {"\n", ""}, {"", "\r\n"}} {
+		// A secret per variant: the previous pair may still be tearing down,
+		// and a third party on a live secret is refused.
+		secret := fmt.Sprintf("variant-%d", v)
 		conns := make([]net.Conn, 2)
 		for i, end := range ends {
 			c, err := tls.Dial("tcp", e.relay.Addr().String(), &tls.Config{RootCAs: e.relay.Certs().CAPool, ServerName: "127.0.0.1"})
@@ -213,7 +216,7 @@ func TestFirstLineVariants(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			if _, err := io.WriteString(c, "variant"+end); err != nil {
+			if _, err := io.WriteString(c, secret+end); err != nil {
 				t.Fatal(err)
 			}
 			conns[i] = c
