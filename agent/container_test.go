@@ -17,6 +17,7 @@ import (
 
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/internal/testroot"
 	"github.com/attach-agent/attach-agent/ptyio"
 )
 
@@ -370,16 +371,7 @@ func TestJoinErrors(t *testing.T) {
 // with its applets, and passwd and group files of its own.
 func buildRootfs(t testing.TB) string {
 	t.Helper()
-	bb, err := exec.LookPath("busybox")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("busybox is missing: .ci/run installs busybox-static")
-		}
-		t.Skip("needs a static busybox: apt-get install busybox-static")
-	}
-	if out, err := exec.Command("ldd", bb).CombinedOutput(); err == nil && !strings.Contains(string(out), "not a dynamic") {
-		t.Skipf("%s is not statically linked: install busybox-static", bb)
-	}
+	bb := testroot.Busybox(t)
 	root := t.TempDir()
 	for _, d := range []string{"bin", "etc", "app", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
@@ -485,13 +477,7 @@ stty size; kill %1 && echo "job control ok"`
 // processes of ours, mounts and cgroups.
 func sandboxLeftovers(t testing.TB) string {
 	t.Helper()
-	var groups []string
-	for _, c := range []string{"pids", "memory", "unified", ""} {
-		// This test binary's own groups: other packages' tests run beside it.
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("*-%d-*", os.Getpid())))
-		groups = append(groups, m...)
-	}
-	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", childrenOf(os.Getpid()), groups, mounts(t))
+	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", childrenOf(os.Getpid()), ownCgroups("*"), mounts(t))
 }
 
 // A fork loop inside stops at the pids limit; the host and the agent go
@@ -726,11 +712,7 @@ func TestSandboxLimits(t *testing.T) {
 	if got := readUntil(t, c, "\n"); !strings.Contains(got, "nofile=64 nproc=4000") {
 		t.Errorf("rlimits inside: %q", got)
 	}
-	var dirs []string
-	for _, c := range []string{"pids", "memory", "unified", ""} {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("sandbox-%d-*", os.Getpid())))
-		dirs = append(dirs, m...)
-	}
+	dirs := ownCgroups("sandbox")
 	if len(dirs) == 0 {
 		t.Fatal("no sandbox cgroup")
 	}
@@ -938,4 +920,16 @@ func TestHostSessionLeavesNothing(t *testing.T) {
 	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) }) // should be gone already
 	waitGone(t, pid)
 	waitLeftovers(t, before)
+}
+
+// ownCgroups lists the groups of kind ("session", "sandbox" or "*") that
+// this test binary's agents made, in the hierarchies this host mounts;
+// other packages' tests run beside it with groups of their own.
+func ownCgroups(kind string) []string {
+	var groups []string
+	for _, c := range []string{"pids", "memory", "unified", ""} {
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("%s-%d-*", kind, os.Getpid())))
+		groups = append(groups, m...)
+	}
+	return groups
 }

@@ -131,10 +131,10 @@ func (s Spec) Place() string {
 
 // String names the place for logs: "host", "pid N" or "rootfs DIR".
 func (s Spec) String() string {
-	switch {
-	case s.PID != 0:
+	switch s.Place() {
+	case "join":
 		return fmt.Sprintf("pid %d", s.PID)
-	case s.Rootfs != "":
+	case "sandbox":
 		return "rootfs " + s.Rootfs
 	}
 	return "host"
@@ -276,17 +276,6 @@ func checkTarget(pid int) error {
 		return fmt.Errorf("container: pid %d: permission denied: joining a container's namespaces needs root (CAP_SYS_ADMIN)", pid)
 	}
 	return fmt.Errorf("container: pid %d: %w", pid, err)
-}
-
-// envValue is the value of key in env, the last one winning as in exec.
-func envValue(env []string, key string) string {
-	v := ""
-	for _, kv := range env {
-		if k, val, ok := strings.Cut(kv, "="); ok && k == key {
-			v = val
-		}
-	}
-	return v
 }
 
 // Shell is the shell for a command given as a string: bash where the

@@ -128,7 +128,12 @@ func TestSweep(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	waited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(waited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill() // gone already when the test passes
+		<-waited
+	})
 	if err := os.WriteFile(filepath.Join(dead, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -141,12 +146,10 @@ func TestSweep(t *testing.T) {
 	if _, err := os.Stat(live); err != nil {
 		t.Errorf("our own group went: %v", err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
 	select {
-	case err := <-done:
+	case <-waited:
 		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || ws.Signal() != syscall.SIGKILL {
-			t.Errorf("the left-behind process ended with %v, want SIGKILL", err)
+			t.Errorf("the left-behind process ended with %v, want SIGKILL", cmd.ProcessState)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the left-behind process is still running")

@@ -131,10 +131,7 @@ func startCommand(cfg initConfig) (int, error) {
 	if len(cfg.Argv) == 0 {
 		return 0, errors.New("empty command")
 	}
-	if err := ptyio.CheckDir(cfg.Argv[0], cfg.Dir); err != nil {
-		return 0, err
-	}
-	path, err := ptyio.LookPath(cfg.Argv[0], envValue(cfg.Env, "PATH"), cfg.Dir)
+	path, err := ptyio.Resolve(cfg.Argv[0], cfg.Env, cfg.Dir)
 	if err != nil {
 		return 0, err
 	}

@@ -111,10 +111,7 @@ func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int, cg *cgroupPlan) erro
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("container: pid %d: chdir /: %w", pid, err)
 	}
-	if err := ptyio.CheckDir(cmd.Args[0], cmd.Dir); err != nil {
-		return err
-	}
-	path, err := ptyio.LookPath(cmd.Args[0], envValue(cmd.Env, "PATH"), cmd.Dir)
+	path, err := ptyio.Resolve(cmd.Args[0], cmd.Env, cmd.Dir)
 	if err != nil {
 		return err
 	}

@@ -69,10 +69,7 @@ func newTracker() *tracker {
 // Launch; exec's own errors are left to ptyio to classify (126, 127).
 func (t *tracker) launch(cmd *exec.Cmd) error {
 	name := cmd.Args[0]
-	if err := ptyio.CheckDir(name, cmd.Dir); err != nil {
-		return err
-	}
-	path, err := ptyio.LookPath(name, envValue(cmd.Env, "PATH"), cmd.Dir)
+	path, err := ptyio.Resolve(name, cmd.Env, cmd.Dir)
 	if err != nil {
 		return err
 	}

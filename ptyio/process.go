@@ -46,7 +46,7 @@ type Spec struct {
 	// Launch, when set, starts cmd in place of cmd.Start: inside another
 	// container's namespaces, or under an init in a new one. cmd.Path is
 	// not resolved yet (it is Argv[0]): Launch looks it up where the
-	// command will run, with LookPath. Errors are reported as spawn errors.
+	// command will run, with Resolve. Errors are reported as spawn errors.
 	Launch func(cmd *exec.Cmd) error
 }
 
@@ -102,11 +102,8 @@ func Start(spec Spec) (*Process, error) {
 	env := withDefaults(spec)
 	path := spec.Argv[0]
 	if spec.Launch == nil {
-		if err := CheckDir(spec.Argv[0], spec.Dir); err != nil {
-			return nil, err
-		}
 		var err error
-		if path, err = LookPath(spec.Argv[0], envValue(env, "PATH"), spec.Dir); err != nil {
+		if path, err = Resolve(spec.Argv[0], env, spec.Dir); err != nil {
 			return nil, err
 		}
 	}
@@ -376,6 +373,17 @@ func envValue(env []string, key string) string {
 		}
 	}
 	return v
+}
+
+// Resolve is where a command's program is, as its exec will see it: the
+// working directory checked (CheckDir), then name looked up in the PATH of
+// env, the child's environment (LookPath). Call it where the command will
+// run (inside a container's root when it runs in one).
+func Resolve(name string, env []string, dir string) (string, error) {
+	if err := CheckDir(name, dir); err != nil {
+		return "", err
+	}
+	return LookPath(name, envValue(env, "PATH"), dir)
 }
 
 // CheckDir fails clearly for a working directory that is not there: exec

@@ -22,6 +22,7 @@ import (
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
+	"github.com/attach-agent/attach-agent/internal/testroot"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -283,13 +284,7 @@ func busyboxRoot(t *testing.T) string {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	bb, err := exec.LookPath("busybox")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("busybox is missing: .ci/run installs busybox-static")
-		}
-		t.Skip("needs a static busybox: apt-get install busybox-static")
-	}
+	bb := testroot.Busybox(t)
 	root := t.TempDir()
 	if out, err := exec.Command("sh", "-c", `mkdir -p "$1/bin" && cp "$2" "$1/bin/busybox" && for a in sh hostname cat sleep echo; do ln -s busybox "$1/bin/$a"; done`,
 		"sh", root, bb).CombinedOutput(); err != nil {

@@ -1,0 +1,32 @@
+// Package testroot finds what tests need to build a container's root
+// filesystem: a statically linked busybox, the one program such a root
+// needs. Where it is missing, tests skip, except under CI (CI set), where
+// .ci/run installs it and a skip would hide the tests.
+package testroot
+
+import (
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// Busybox returns the path of a statically linked busybox.
+func Busybox(t testing.TB) string {
+	t.Helper()
+	missing := func(why string) {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("%s: .ci/run installs busybox-static", why)
+		}
+		t.Skipf("%s: apt-get install busybox-static", why)
+	}
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		missing("no busybox")
+	}
+	// A dynamic one would not run in a root without its libraries.
+	if out, err := exec.Command("ldd", bb).CombinedOutput(); err == nil && !strings.Contains(string(out), "not a dynamic") {
+		missing(bb + " is not statically linked")
+	}
+	return bb
+}
