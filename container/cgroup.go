@@ -17,12 +17,12 @@ import (
 const cgroupRoot = "/sys/fs/cgroup"
 
 // cgroupParent is the group, under each hierarchy's root, that holds one
-// group per sandbox.
+// group per sandbox or host session.
 const cgroupParent = "attach-agent"
 
-// cgroup is a sandbox's control groups: one directory in the unified
-// (v2) hierarchy, or one per v1 controller on hosts that still mount those.
-// The zero value (no limits asked for) does nothing.
+// cgroup is a sandbox's or session's control groups: one directory in the
+// unified (v2) hierarchy, or one per v1 hierarchy on hosts that still
+// mount those. The zero value (no limits asked for) does nothing.
 type cgroup struct {
 	dirs []string
 }
@@ -56,7 +56,9 @@ func newCgroup(l Limits) (*cgroup, error) {
 			cg.remove()
 			return nil, fmt.Errorf("container: limits.%s: %w", limitName(c.name), err)
 		}
-		cg.dirs = append(cg.dirs, dir)
+		if len(cg.dirs) == 0 || cg.dirs[len(cg.dirs)-1] != dir { // v2: one group holds every limit
+			cg.dirs = append(cg.dirs, dir)
+		}
 	}
 	return cg, nil
 }
@@ -124,8 +126,10 @@ func enableV2(root, parent, name string) error {
 	return nil
 }
 
+// makeDir makes the group dir (or takes it as it is: in v2 the sandbox's
+// one group gets every limit) and writes one limit into it.
 func makeDir(dir, file string, value int64) (string, error) {
-	if err := os.Mkdir(dir, 0o755); err != nil {
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return "", err
 	}
 	if err := os.WriteFile(filepath.Join(dir, file), []byte(strconv.FormatInt(value, 10)), 0); err != nil {

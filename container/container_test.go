@@ -210,3 +210,23 @@ func TestRemoveGivesUpOnWhatIsNotBusy(t *testing.T) {
 		t.Errorf("a non-empty directory went: %v", err)
 	}
 }
+
+// In v2 one group holds every limit: making it again for the second limit
+// takes the group as it is (before, pids and memory together on a v2-only
+// host would have failed with "file exists"; this host's v1 hierarchies
+// hide that path from the sandbox tests).
+func TestMakeDirTwiceForTwoLimits(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "sandbox-1-abc")
+	for _, f := range []struct {
+		file  string
+		value int64
+	}{{"pids.max", 24}, {"memory.max", 1 << 20}} {
+		got, err := makeDir(dir, f.file, f.value)
+		if err != nil || got != dir {
+			t.Fatalf("makeDir %s: %q, %v", f.file, got, err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(dir, f.file)); string(b) != strconv.FormatInt(f.value, 10) {
+			t.Errorf("%s = %q", f.file, b)
+		}
+	}
+}
