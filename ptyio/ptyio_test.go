@@ -58,8 +58,9 @@ func TestMasterEIOIsEOF(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	r := &outputReader{rc: rc, gather: gatherWait}
 	for {
-		n, err := readAvailable(rc, buf)
+		n, err := r.read(buf)
 		got = append(got, buf[:n]...)
 		if err != nil {
 			if !errors.Is(err, io.EOF) {

@@ -368,9 +368,13 @@ func (s *session) output() error {
 	if err != nil {
 		return fmt.Errorf("pty -> stream: %w", err)
 	}
+	r := &outputReader{rc: rc}
+	if s.p.tty {
+		r.gather = gatherWait
+	}
 	empty := 0
 	for {
-		n, err := readAvailable(rc, buf)
+		n, err := r.read(buf)
 		if n > 0 {
 			empty = 0
 			s.touch()

@@ -32,6 +32,8 @@ const (
 	// RecordSize is the largest TLS record payload; Coalesce fills records
 	// to it the way some load balancers do.
 	RecordSize = 16 << 10
+	// batchSize bounds what one write to a side carries without Coalesce.
+	batchSize = 64 << 10
 	// coalesceFlush is how long Coalesce waits for more bytes before it
 	// sends a partly filled record.
 	coalesceFlush = 2 * time.Millisecond
@@ -120,8 +122,9 @@ type slot struct {
 }
 
 type side struct {
-	conn net.Conn // TLS or plain
-	raw  net.Conn // TCP under it
+	conn  net.Conn         // TLS or plain
+	raw   net.Conn         // TCP under it
+	batch *tlsdial.Batcher // between the two with TLS
 }
 
 // Listen opens the relay's listening socket (network "tcp", address like
@@ -313,7 +316,8 @@ func (r *Relay) handle(raw net.Conn, tcfg *tls.Config) {
 		return
 	}
 	if tcfg != nil {
-		s.conn = tls.Server(raw, tcfg)
+		s.batch = tlsdial.NewBatcher(raw)
+		s.conn = tls.Server(s.batch, tcfg)
 	}
 	secret, err := r.readFirstLine(s.conn)
 	if err != nil {
@@ -538,8 +542,14 @@ func halfClose(s *side) {
 }
 
 // copy moves src to dst until src ends (nil error) or anything fails.
+// Without Coalesce, what a read brings is passed on at once, together with
+// the records TLS already holds (read without waiting), in one write(2).
 func (r *Relay) copy(dst, src *side, fp string) (int64, error) {
-	buf := make([]byte, RecordSize)
+	size := batchSize
+	if r.Coalesce {
+		size = RecordSize
+	}
+	buf := make([]byte, size)
 	var total int64
 	fill := 0
 	flush := func() error {
@@ -556,22 +566,28 @@ func (r *Relay) copy(dst, src *side, fp string) (int64, error) {
 		// No write deadline: a peer that reads slowly (a paused terminal, a
 		// process not reading its stdin) is not dead; TCP keep-alive finds
 		// dead peers.
-		n, err := dst.conn.Write(buf[:fill])
+		n, err := tlsdial.WriteBatched(dst.batch, dst.conn, buf[:fill])
 		total += int64(n)
 		r.stats.Spliced.Add(int64(n))
 		fill = 0
 		return err
 	}
 	empty := 0
+	drain := false // the next read takes only what TLS holds already
 	for {
-		if r.Coalesce && fill > 0 {
+		switch {
+		case r.Coalesce && fill > 0:
 			_ = src.conn.SetReadDeadline(time.Now().Add(coalesceFlush))
+		case drain:
+			_ = src.conn.SetReadDeadline(time.Unix(1, 0)) // a read that needs the socket fails at once
 		}
 		n, err := src.conn.Read(buf[fill:])
 		fill += n
-		if r.Coalesce && fill > 0 {
+		timed := r.Coalesce && fill > 0 || drain
+		if timed {
 			_ = src.conn.SetReadDeadline(time.Time{})
 		}
+		drain = false
 		switch {
 		case err == nil && n == 0:
 			if empty++; empty > 100 {
@@ -580,12 +596,15 @@ func (r *Relay) copy(dst, src *side, fp string) (int64, error) {
 			continue
 		case err == nil:
 			empty = 0
-			if !r.Coalesce || fill == len(buf) {
+			switch {
+			case fill == len(buf), !r.Coalesce && src.batch == nil:
 				if err := flush(); err != nil {
 					return total, err
 				}
+			case !r.Coalesce:
+				drain = true
 			}
-		case r.Coalesce && errors.Is(err, os.ErrDeadlineExceeded):
+		case timed && errors.Is(err, os.ErrDeadlineExceeded):
 			if err := flush(); err != nil {
 				return total, err
 			}

@@ -122,7 +122,13 @@ type Conn struct {
 	Raw      net.Conn // the TCP connection under TLS
 	Timings  Timings
 	slow     time.Duration
+	batch    *Batcher // under TLS; nil with Config.Plain
 }
+
+// Write sends p; over TLS the records of one Write leave in one write(2)
+// (see Batcher), with the same deadlines and errors as the TLS
+// connection's. If that write fails, no byte of p counts as sent.
+func (c *Conn) Write(p []byte) (int, error) { return WriteBatched(c.batch, c.Conn, p) }
 
 // Slow reports whether connect plus TLS took longer than the configured
 // threshold; callers log the Timings breakdown when it does.
@@ -254,7 +260,8 @@ func dialOnce(ctx context.Context, u URL, cfg Config, tcfg *tls.Config) (*Conn, 
 	t1 := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
-	tc := tls.Client(raw, tcfg)
+	bw := NewBatcher(raw)
+	tc := tls.Client(bw, tcfg)
 	if err := tc.HandshakeContext(hctx); err != nil {
 		_ = raw.Close() // best effort: the attempt failed
 		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
@@ -262,7 +269,7 @@ func dialOnce(ctx context.Context, u URL, cfg Config, tcfg *tls.Config) (*Conn, 
 		}
 		return nil, err
 	}
-	c.Conn = tc
+	c.Conn, c.batch = tc, bw
 	c.Timings.TLS = time.Since(t1)
 	return c, nil
 }
