@@ -112,9 +112,9 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 	}
 
 	// Where and as whom the command will run (the user lookup, the
-	// session's cgroups) is settled while the dial is on the wire, off the
-	// path to the first byte. A failure is told to the client once paired;
-	// nothing runs before that either way.
+	// session's cgroups) is settled, and its terminal opened, while the
+	// dial is on the wire, off the path to the first byte. A failure is
+	// told to the client once paired; nothing runs before that either way.
 	ps := spec.Process
 	var release func()
 	var applyErr error
@@ -122,9 +122,16 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 	go func() {
 		defer close(applied)
 		release, applyErr = container.Apply(spec.Container, spec.User, &ps)
+		if applyErr == nil && ps.TTY {
+			ps.Terminal, applyErr = ptyio.OpenTerminal(ps)
+		}
 	}()
+	startCalled := false
 	defer func() {
 		<-applied
+		if ps.Terminal != nil && !startCalled {
+			ps.Terminal.Close() // nobody paired: Start never took it over
+		}
 		release() // after the process and its sandbox are gone
 	}()
 
@@ -160,6 +167,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 	<-applied
 	var proc *ptyio.Process
 	if err = applyErr; err == nil {
+		startCalled = true
 		proc, err = ptyio.Start(ps)
 	}
 	res.Timings.Spawn = time.Since(ts)

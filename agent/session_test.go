@@ -365,6 +365,67 @@ func TestNothingRunsWithoutAClient(t *testing.T) {
 	}
 }
 
+// openTerminals counts this process's fds on a pty (ptmx or a pts).
+func openTerminals(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && (l == "/dev/ptmx" || strings.HasPrefix(l, "/dev/pts/")) {
+			n++
+		}
+	}
+	return n
+}
+
+// The terminal is opened while the dial is on the wire; a session that
+// never starts its command must close it: nobody pairs, the relay is
+// down, the command is not found.
+func TestSessionsThatNeverStartCloseTheirTerminal(t *testing.T) {
+	h := newHarness(t, nil)
+	before := openTerminals(t)
+	tty := ptyio.Spec{Argv: []string{"true"}, TTY: true, Raw: true}
+
+	dial := h.dial
+	dial.PairTimeout = 200 * time.Millisecond
+	_, res := h.session(t, agent.Spec{Dial: dial, Process: tty})
+	if r := wait(t, res, 20*time.Second); r.Reason != agent.ReasonPairTimeout {
+		t.Fatalf("nobody pairs: %v", r)
+	}
+	if n := openTerminals(t); n != before {
+		t.Fatalf("after pair_timeout: %d pty fds open, want %d", n, before)
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := tlsdial.URL{Host: "127.0.0.1", Port: ln.Addr().(*net.TCPAddr).Port, Secret: "s"}
+	_ = ln.Close() // nothing listens there now
+	dial = h.dial
+	dial.DialTimeout = 300 * time.Millisecond
+	_, res = h.session(t, agent.Spec{URL: down, Dial: dial, Process: tty})
+	if r := wait(t, res, 20*time.Second); r.Reason != agent.ReasonDialFailed {
+		t.Fatalf("relay down: %v", r)
+	}
+	if n := openTerminals(t); n != before {
+		t.Fatalf("after dial_failed: %d pty fds open, want %d", n, before)
+	}
+
+	u, res := h.session(t, agent.Spec{Process: ptyio.Spec{Argv: []string{"no-such-command-xyz"}, TTY: true}})
+	c := h.client(t, u)
+	_, _ = io.ReadAll(c)
+	if r := wait(t, res, 20*time.Second); r.Reason != agent.ReasonSpawnFailed {
+		t.Fatalf("command not found: %v", r)
+	}
+	if n := openTerminals(t); n != before {
+		t.Fatalf("after spawn_failed: %d pty fds open, want %d", n, before)
+	}
+}
+
 func TestSpawnFailuresReachTheClient(t *testing.T) {
 	h := newHarness(t, nil)
 	dir := t.TempDir()

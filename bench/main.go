@@ -230,13 +230,24 @@ func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds in
 			lat[0][0], lat[0][1], float64(lat[0][0])/float64(lat[1][0]), float64(lat[0][1])/float64(lat[1][1]))
 	}
 	if tests["setup"] {
-		var st [2]time.Duration
-		for i, mode := range []string{"agent", "ref"} {
-			if st[i], err = e.setup(mode, setups); err != nil {
-				return fmt.Errorf("setup %s: %w", mode, err)
+		// Alternating, so that the machine's drift over the run falls on
+		// both alike.
+		var d [2][]time.Duration
+		modes := []string{"agent", "ref"}
+		for i := range 2 * setups {
+			m := (i + i/2) % 2 // agent, ref, ref, agent, agent, ref, ...
+			v, err := e.setup(modes[m])
+			if err != nil {
+				return fmt.Errorf("setup %s: %w", modes[m], err)
 			}
+			d[m] = append(d[m], v)
 		}
-		fmt.Printf("setup (agent process start to first output byte at a waiting client, median of %d)\n", setups)
+		var st [2]time.Duration
+		for m := range d {
+			sort.Slice(d[m], func(i, j int) bool { return d[m][i] < d[m][j] })
+			st[m] = d[m][len(d[m])/2]
+		}
+		fmt.Printf("setup (agent process start to first output byte at a waiting client, median of %d each, alternating)\n", setups)
 		fmt.Printf("  reference agent                  %8v\n", st[1])
 		fmt.Printf("  attach-agent                     %8v   %.2fx reference (target <= 1)\n", st[0], float64(st[0])/float64(st[1]))
 	}
@@ -373,47 +384,41 @@ func (e *env) latency(mode string, trips int) (p50, p99 time.Duration, err error
 	return d[len(d)/2], d[len(d)*99/100], nil
 }
 
-func (e *env) setup(mode string, n int) (time.Duration, error) {
-	var d []time.Duration
-	for range n {
-		u := e.url()
-		// The client is already waiting at the relay when the agent starts.
-		cc := make(chan *tlsdial.Conn, 1)
-		ce := make(chan error, 1)
-		go func() {
-			c, err := e.client(u)
-			if err != nil {
-				ce <- err
-				return
-			}
-			cc <- c
-		}()
-		for e.relay.Waiting() == 0 {
-			time.Sleep(time.Millisecond)
-		}
-		t0 := time.Now()
-		cmd, err := e.startAgent(mode, u, "echo x")
+// setup times one session from the agent's start to the first output
+// byte at a client already waiting at the relay.
+func (e *env) setup(mode string) (time.Duration, error) {
+	u := e.url()
+	// The client is already waiting at the relay when the agent starts.
+	cc := make(chan *tlsdial.Conn, 1)
+	ce := make(chan error, 1)
+	go func() {
+		c, err := e.client(u)
 		if err != nil {
-			return 0, err
+			ce <- err
+			return
 		}
-		var c *tlsdial.Conn
-		select {
-		case c = <-cc:
-		case err := <-ce:
-			return 0, err
-		}
-		b := make([]byte, 1)
-		_, err = io.ReadFull(c, b)
-		el := time.Since(t0)
-		_ = c.Close()
-		_ = cmd.Wait()
-		if err != nil {
-			return 0, err
-		}
-		d = append(d, el)
+		cc <- c
+	}()
+	for e.relay.Waiting() == 0 {
+		time.Sleep(time.Millisecond)
 	}
-	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
-	return d[len(d)/2], nil
+	t0 := time.Now()
+	cmd, err := e.startAgent(mode, u, "echo x")
+	if err != nil {
+		return 0, err
+	}
+	var c *tlsdial.Conn
+	select {
+	case c = <-cc:
+	case err := <-ce:
+		return 0, err
+	}
+	b := make([]byte, 1)
+	_, err = io.ReadFull(c, b)
+	el := time.Since(t0)
+	_ = c.Close()
+	_ = cmd.Wait()
+	return el, err
 }
 
 // ptyOneWay is the pty's own one-way limit: read the master as fast as

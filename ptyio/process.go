@@ -48,6 +48,52 @@ type Spec struct {
 	// not resolved yet (it is Argv[0]): Launch looks it up where the
 	// command will run, with Resolve. Errors are reported as spawn errors.
 	Launch func(cmd *exec.Cmd) error
+
+	// Terminal, with TTY, is a pty opened ahead for this Spec with
+	// OpenTerminal; Start takes it over (and closes it if it fails).
+	// Nil: Start opens one.
+	Terminal *Terminal
+}
+
+// Terminal is a pty opened and set up (size, raw mode) ahead of Start, so
+// that a session can do it while its dial is on the wire, off the path to
+// the first byte. Start takes it over; one that never reaches Start must
+// be closed.
+type Terminal struct {
+	master *os.File // non-blocking, on Go's poller
+	tty    *os.File
+}
+
+// OpenTerminal opens a pty sized and set up as spec says.
+func OpenTerminal(spec Spec) (*Terminal, error) {
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		return nil, fmt.Errorf("open pty: %w", err)
+	}
+	fail := func(what string, err error) (*Terminal, error) {
+		_, _ = ptmx.Close(), tty.Close()
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	cols, rows := size(spec)
+	if err := pty.Setsize(ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
+		return fail("set pty size", err)
+	}
+	if spec.Raw {
+		if _, err := term.MakeRaw(int(tty.Fd())); err != nil {
+			return fail("raw pty", err)
+		}
+	}
+	master, err := pollable(ptmx)
+	if err != nil {
+		_ = tty.Close()
+		return nil, fmt.Errorf("pty master: %w", err)
+	}
+	return &Terminal{master: master, tty: tty}, nil
+}
+
+// Close closes both ends; a second Close does nothing.
+func (t *Terminal) Close() {
+	_, _ = t.master.Close(), t.tty.Close() // best effort: already closed is fine
 }
 
 // SpawnError is a command that could not be started. Code is the shell's
@@ -95,7 +141,14 @@ type Process struct {
 // Start starts the command. The parent's copy of the tty (or of the
 // child's pipe ends) is closed before Start returns, so the master reads EIO
 // (EOF) once every process holding the terminal has gone.
-func Start(spec Spec) (*Process, error) {
+func Start(spec Spec) (p *Process, err error) {
+	if t := spec.Terminal; t != nil {
+		defer func() {
+			if err != nil {
+				t.Close()
+			}
+		}()
+	}
 	if len(spec.Argv) == 0 || spec.Argv[0] == "" {
 		return nil, &SpawnError{Name: "''", Code: 127, Err: errors.New("empty command")}
 	}
@@ -114,8 +167,7 @@ func Start(spec Spec) (*Process, error) {
 	}
 	attr.Setsid = true // own session and process group: one signal reaches all of it
 	cmd := &exec.Cmd{Path: path, Args: spec.Argv, Env: env, Dir: spec.Dir, SysProcAttr: attr}
-	p := &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{}), launch: spec.Launch}
-	var err error
+	p = &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{}), launch: spec.Launch}
 	if spec.TTY {
 		err = p.startPTY(spec)
 	} else {
@@ -150,27 +202,16 @@ func spawnError(name string, err error) error {
 }
 
 func (p *Process) startPTY(spec Spec) error {
-	ptmx, tty, err := pty.Open()
-	if err != nil {
-		return fmt.Errorf("open pty: %w", err)
-	}
-	defer func() { _ = tty.Close() }() // the child has its own copies after Start
-	p.ptsDev = tty.Name()
-	cols, rows := size(spec)
-	if err := pty.Setsize(ptmx, &pty.Winsize{Cols: cols, Rows: rows}); err != nil {
-		_ = ptmx.Close()
-		return fmt.Errorf("set pty size: %w", err)
-	}
-	if spec.Raw {
-		if _, err := term.MakeRaw(int(tty.Fd())); err != nil {
-			_ = ptmx.Close()
-			return fmt.Errorf("raw pty: %w", err)
+	t := spec.Terminal
+	if t == nil {
+		var err error
+		if t, err = OpenTerminal(spec); err != nil {
+			return err
 		}
 	}
-	master, err := pollable(ptmx)
-	if err != nil {
-		return fmt.Errorf("pty master: %w", err)
-	}
+	tty, master := t.tty, t.master
+	defer func() { _ = tty.Close() }() // the child has its own copies after Start
+	p.ptsDev = tty.Name()
 	if c := p.cmd.SysProcAttr.Credential; c != nil {
 		// The user's own terminal, as login gives it: programs that reopen
 		// it by name (less, ssh, sudo) must be able to.
