@@ -6,42 +6,15 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
-	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
 )
 
 func TestMain(m *testing.M) { leakcheck.Main(m) }
-
-// tcpPair is a connected loopback pair: a buffered, real stream (never a
-// bare net.Pipe, which has no buffer and no half-close).
-func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	acc := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		acc <- c
-	}()
-	a, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := <-acc
-	if b == nil {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
-	_ = a.SetDeadline(time.Now().Add(30 * time.Second)) // watchdog
-	return a.(*net.TCPConn), b.(*net.TCPConn)
-}
 
 // EIO from the master once the child is gone is the end of output.
 func TestMasterEIOIsEOF(t *testing.T) {
@@ -75,7 +48,7 @@ func TestMasterEIOIsEOF(t *testing.T) {
 }
 
 func TestPumpPipesOverTCP(t *testing.T) {
-	client, agentSide := tcpPair(t)
+	client, agentSide := relaytest.TCPPair(t)
 	p, err := Start(Spec{Argv: []string{"cat"}})
 	if err != nil {
 		t.Fatal(err)
@@ -103,7 +76,7 @@ func TestPumpPipesOverTCP(t *testing.T) {
 // last output, then the notice, then the exit marker, then the end of the
 // stream; and the process is gone before Run returns.
 func TestTeardownOrder(t *testing.T) {
-	client, agentSide := tcpPair(t)
+	client, agentSide := relaytest.TCPPair(t)
 	p, err := Start(Spec{Argv: []string{"sh", "-c", "trap 'echo last words; exit 4' HUP; echo first; read x"}})
 	if err != nil {
 		t.Fatal(err)

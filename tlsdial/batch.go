@@ -36,16 +36,13 @@ func (b *Batcher) Write(p []byte) (int, error) {
 	if b.err != nil {
 		return 0, b.err
 	}
-	if b.active == 0 || len(p) > maxBatch {
+	if b.active == 0 || len(b.buf)+len(p) > maxBatch {
 		if err := b.flushLocked(); err != nil {
 			return 0, err
 		}
-		return b.write(p)
 	}
-	if len(b.buf)+len(p) > maxBatch {
-		if err := b.flushLocked(); err != nil {
-			return 0, err
-		}
+	if b.active == 0 || len(p) > maxBatch {
+		return b.write(p)
 	}
 	b.buf = append(b.buf, p...)
 	return len(p), nil

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -51,24 +52,7 @@ func batchedPair(t *testing.T) (*tls.Conn, *tlsdial.Batcher, *countingConn, *tls
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	acc := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		acc <- c
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sraw := <-acc
-	if sraw == nil {
-		t.Fatal("accept failed")
-	}
+	raw, sraw := relaytest.TCPPair(t)
 	cc := &countingConn{Conn: raw}
 	b := tlsdial.NewBatcher(cc)
 	client := tls.Client(b, &tls.Config{RootCAs: certs.CAPool, ServerName: "127.0.0.1"})

@@ -66,3 +66,31 @@ func (e *Env) CAFile(t testing.TB) string {
 	}
 	return f
 }
+
+// TCPPair is a connected loopback TCP pair, closed when the test ends: a
+// buffered, real stream (never a bare net.Pipe, which has no buffer and no
+// half-close). The dialed side, a, has a 30 s deadline as a watchdog.
+func TCPPair(t testing.TB) (a, b *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	acc := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		acc <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-acc
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { _ = c.Close(); _ = s.Close() })
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second)) // watchdog
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
