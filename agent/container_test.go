@@ -163,8 +163,17 @@ func TestAgentEnvironmentDoesNotLeak(t *testing.T) {
 // other id to 100000 more (as rootless containers do).
 func startContainer(t testing.TB, hostname string, userns bool) int {
 	t.Helper()
+	return startContainerAs(t, hostname, userns, nil)
+}
+
+// startContainerAs is startContainer with its PID 1 started through
+// confine (e.g. setpriv with a reduced bounding set) once the hostname is
+// set.
+func startContainerAs(t testing.TB, hostname string, userns bool, confine []string) int {
+	t.Helper()
 	inner := []string{"unshare", "--uts", "--pid", "--mount", "--fork", "--mount-proc",
-		"sh", "-c", `hostname "$0" && exec sleep 300`, hostname}
+		"sh", "-c", `hostname "$0" && exec "$@" sleep 300`, hostname}
+	inner = append(inner, confine...)
 	args := inner
 	if userns {
 		// The inner unshare waits until the test has written the maps.
@@ -388,7 +397,7 @@ func buildRootfs(t testing.TB) string {
 	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, applet := range []string{"sh", "id", "hostname", "cat", "ls", "tty", "sleep", "echo", "pwd", "env", "stty", "ps", "tr", "cut", "head", "touch", "ip", "grep"} {
+	for _, applet := range []string{"sh", "id", "hostname", "cat", "ls", "tty", "sleep", "echo", "pwd", "env", "stty", "ps", "tr", "cut", "head", "touch", "ip", "grep", "mknod", "mount", "unshare", "test", "wc", "seq"} {
 		if err := os.Symlink("busybox", filepath.Join(root, "bin", applet)); err != nil {
 			t.Fatal(err)
 		}
@@ -806,7 +815,9 @@ func TestSandboxCapabilities(t *testing.T) {
 		privileged   bool
 		bnd, outcome string
 	}{
-		{false, "00000000a80425fb", "hostname refused"},
+		// Docker's default set less CAP_MKNOD (the device allowlist
+		// refuses new nodes anyway).
+		{false, "00000000a00425fb", "hostname refused"},
 		{true, "", "hostname changed"},
 	} {
 		out, r := runSession(t, h, agent.Spec{
@@ -932,4 +943,269 @@ func ownCgroups(kind string) []string {
 		groups = append(groups, m...)
 	}
 	return groups
+}
+
+// A root shell in a default sandbox, tried as a hostile tenant would: no
+// device nodes, no writes to the host's kernel through /proc, no masked
+// files, no mounts, new user namespaces or keyrings; privileged keeps
+// today's behaviour.
+func TestSandboxHoldsAHostileRoot(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	probe := testroot.Probe(t)
+	data, err := os.ReadFile(probe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "bin/probe"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The image brings a node for /dev/mem: nodev and the device
+	// allowlist must both keep it shut.
+	if err := syscall.Mknod(filepath.Join(root, "tmp/mem"), syscall.S_IFCHR|0o600, 1<<8|1); err != nil {
+		t.Fatal(err)
+	}
+	script := `grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status
+mknod /tmp/null c 1 3 2>/dev/null && echo "mknod ok" || echo "mknod refused"
+head -c1 /tmp/mem >/dev/null 2>&1 && echo "device opened" || echo "device refused"
+for f in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug /proc/interrupts; do echo "$f $(cat $f 2>/dev/null | wc -c) bytes"; done
+mount -t tmpfs none /tmp 2>/dev/null && echo "mount ok" || echo "mount refused"
+unshare -U true 2>/dev/null && echo "unshare ok" || echo "unshare refused"
+probe keyctl userns clone3 bpf w:/proc/sys/kernel/core_pattern w:/proc/sysrq-trigger
+`
+	// Each masked file this kernel has reads empty inside.
+	var masked []string
+	for _, f := range []string{"/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/interrupts"} {
+		if _, err := os.Stat(f); err == nil {
+			masked = append(masked, f+" 0 bytes")
+		}
+	}
+	if len(masked) == 0 {
+		t.Fatal("this kernel has none of the masked /proc files: the test would show nothing")
+	}
+	sysrq := "w:/proc/sysrq-trigger: read-only file system"
+	if _, err := os.Stat("/proc/sysrq-trigger"); err != nil {
+		sysrq = "w:/proc/sysrq-trigger: no such file" // a kernel without magic SysRq
+	}
+	for _, tc := range []struct {
+		privileged bool
+		want       []string
+	}{
+		{false, append(masked, sysrq, "NoNewPrivs:\t1\n", "Seccomp:\t2\n", "mknod refused", "device refused",
+			"w:/proc/sys/kernel/core_pattern: read-only file system", "mount refused", "unshare refused",
+			"keyctl: operation not permitted", "userns: operation not permitted", "clone3: function not implemented",
+			"bpf: operation not permitted")},
+		{true, []string{"NoNewPrivs:\t0\n", "Seccomp:\t0\n", "mknod ok", "w:/proc/sys/kernel/core_pattern: ok", "mount ok", "keyctl: ok"}},
+	} {
+		before := sandboxLeftovers(t)
+		out, r := runSession(t, h(t), agent.Spec{
+			Container: container.Spec{Rootfs: root, Privileged: tc.privileged},
+			Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", script}, TTY: true},
+		})
+		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+			t.Fatalf("privileged=%v: result %v, output %q", tc.privileged, r, out)
+		}
+		for _, want := range tc.want {
+			if !strings.Contains(out, want) {
+				t.Errorf("privileged=%v: want %q in\n%s", tc.privileged, want, out)
+			}
+		}
+		waitLeftovers(t, before)
+		_ = os.Remove(filepath.Join(root, "tmp/null"))
+	}
+}
+
+func h(t *testing.T) *harness { return newHarness(t, nil) }
+
+// A joined command never has more than its container's process: its
+// bounding set, a root command's permitted set, and no_new_privs.
+func TestJoinTakesTheContainersConfinement(t *testing.T) {
+	needRoot(t)
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		t.Skip("no setpriv (util-linux)")
+	}
+	// chown, kill, setuid, setgid and net_bind_service only (0x4e1).
+	pid := startContainerAs(t, "confined-1", false, []string{setpriv,
+		"--bounding-set=-all,+chown,+kill,+setuid,+setgid,+net_bind_service", "--inh-caps=-all", "--no-new-privs", "--"})
+	status := func(pid string) map[string]string {
+		b, err := os.ReadFile("/proc/" + pid + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]string{}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok {
+				m[k] = strings.TrimSpace(v)
+			}
+		}
+		return m
+	}
+	target := status(strconv.Itoa(pid))
+	if target["CapBnd"] != "00000000000004e1" || target["NoNewPrivs"] != "1" {
+		t.Fatalf("the target is not confined as the test meant: %v", target)
+	}
+	hh := newHarness(t, nil)
+	for _, user := range []string{"", "nobody"} {
+		out, r := runSession(t, hh, agent.Spec{
+			Container: container.Spec{PID: pid}, User: user,
+			Process: ptyio.Spec{Argv: sh(`grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):' /proc/self/status`), TTY: true},
+		})
+		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+			t.Fatalf("user %q: result %v, output %q", user, r, out)
+		}
+		got := map[string]uint64{}
+		for _, line := range strings.Split(out, "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok {
+				if n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil {
+					got[k] = n
+				}
+				if k == "NoNewPrivs" && strings.TrimSpace(v) != "1" {
+					t.Errorf("user %q: NoNewPrivs %q: want the target's 1", user, v)
+				}
+			}
+		}
+		if len(got) != 6 {
+			t.Fatalf("user %q: status lines %q", user, out)
+		}
+		for _, set := range []string{"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"} {
+			if extra := got[set] &^ 0x4e1; extra != 0 {
+				t.Errorf("user %q: %s %x holds %x outside the container's bounding set", user, set, got[set], extra)
+			}
+		}
+		if user == "" && got["CapEff"] != 0x4e1 {
+			t.Errorf("root: CapEff %x, want the container's 4e1", got["CapEff"])
+		}
+		if user == "nobody" && got["CapEff"] != 0 {
+			t.Errorf("nobody: CapEff %x, want none", got["CapEff"])
+		}
+	}
+}
+
+// The target is pinned when the session starts: one that exits before the
+// client pairs runs nothing, anywhere.
+func TestJoinTargetGoneBeforePairing(t *testing.T) {
+	needRoot(t)
+	pid := startContainer(t, "gone-1", false)
+	marker := filepath.Join(t.TempDir(), "ran")
+	hh := newHarness(t, nil)
+	u, res := hh.session(t, agent.Spec{
+		Container: container.Spec{PID: pid},
+		Process:   ptyio.Spec{Argv: sh("touch " + marker), TTY: true},
+	})
+	// Once the session holds its pidfd, the container ends; then the
+	// client pairs.
+	deadline := time.Now().Add(10 * time.Second)
+	for !holdsPidfd(t) {
+		if time.Now().After(deadline) {
+			t.Fatal("the session took no pidfd")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	waitGone(t, pid)
+	c := hh.client(t, u)
+	got, _ := io.ReadAll(c)
+	_ = c.Close()
+	r := wait(t, res, 30*time.Second)
+	if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != 125 || !strings.Contains(string(got), fmt.Sprintf("container process %d is gone", pid)) {
+		t.Errorf("result %v, client saw %q: want spawn_failed, 125, the process gone", r, got)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Error("the command ran")
+	}
+}
+
+// holdsPidfd reports whether this process holds a pidfd.
+func holdsPidfd(t *testing.T) bool {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l == "anon_inode:[pidfd]" {
+			return true
+		}
+	}
+	return false
+}
+
+// An image whose /etc/passwd is a FIFO cannot hold the session's setup:
+// it fails with 125 and the reason, at once, and the agent goes on.
+func TestSandboxFIFOPasswd(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	if err := os.Remove(filepath.Join(root, "etc/passwd")); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(filepath.Join(root, "etc/passwd"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hh := newHarness(t, nil)
+	start := time.Now()
+	out, r := runSession(t, hh, agent.Spec{
+		Container: container.Spec{Rootfs: root}, User: "dyno", SetupTimeout: 5 * time.Second,
+		Process: ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo ran"}, TTY: true},
+	})
+	if r.Reason != agent.ReasonSpawnFailed || r.ExitCode != 125 || !strings.Contains(out, "not a regular file") || strings.Contains(out, "ran") {
+		t.Errorf("result %v, client saw %q: want spawn_failed, 125, 'not a regular file'", r, out)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the session took %v, past its setup timeout", d)
+	}
+	// The next session runs.
+	if out, r := runSession(t, hh, agent.Spec{Container: container.Spec{Rootfs: root},
+		Process: ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo next"}, TTY: true}}); r.ExitCode != 0 || !strings.Contains(out, "next") {
+		t.Errorf("next session: %v %q", r, out)
+	}
+}
+
+// A fork loop in a host session stops at its pids limit, and nothing of
+// it is left after the session (its cgroup is killed at once, then gone).
+func TestHostForkLoopHeldByPidsLimit(t *testing.T) {
+	needRoot(t)
+	before := ownCgroups("session")
+	hh := newHarness(t, nil)
+	out, r := runSession(t, hh, agent.Spec{
+		Container: container.Spec{Limits: container.Limits{Pids: 16}},
+		// The shell gives up at the first fork the limit refuses.
+		Process: ptyio.Spec{Argv: sh(`i=0; while [ $i -lt 100 ]; do sleep 3131 </dev/null >/dev/null 2>&1 & i=$((i+1)); echo "forked $i"; done`)},
+	})
+	if r.Reason != ptyio.ReasonExited {
+		t.Fatalf("result %v, output %q", r, out)
+	}
+	if !strings.Contains(out, "forked 1\n") || strings.Contains(out, "forked 16\n") {
+		t.Fatalf("output %q: want the loop stopped by the limit of 16 tasks", out)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		left := sleepers("3131")
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("processes of the session left: %v", left)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if after := ownCgroups("session"); len(after) != len(before) {
+		t.Errorf("session cgroups before %v, after %v", before, after)
+	}
+}
+
+// sleepers are the pids of live "sleep ARG" processes.
+func sleepers(arg string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && string(b) == "sleep\x00"+arg+"\x00" && !gone(pid) {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

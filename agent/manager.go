@@ -25,14 +25,20 @@ type ManagerConfig struct {
 	Dial tlsdial.Config // how to reach relays (CA, client certificate, dial bounds)
 	Pump ptyio.Config   // default per-session bounds
 
-	MaxSessions     int           // running at once; zero: 1000
-	MaxPairTimeout  time.Duration // the most a request may ask for; zero: 10m
-	MaxIdleTimeout  time.Duration // zero: 24h
-	MaxMaxDuration  time.Duration // zero: 7 days
-	KeepEnded       time.Duration // how long ended sessions stay queryable; zero: 1h
-	KeepEndedCount  int           // and how many at most; zero: 10000
-	Logger          *slog.Logger  // nil: none
-	Metrics         *Metrics      // nil: none
+	MaxSessions    int           // running at once; zero: 1000
+	MaxPairTimeout time.Duration // the most a request may ask for; zero: 10m
+	MaxIdleTimeout time.Duration // zero: 24h
+	MaxMaxDuration time.Duration // zero: 7 days
+	KeepEnded      time.Duration // how long ended sessions stay queryable; zero: 1h
+	KeepEndedCount int           // and how many at most; zero: 10000
+	// DefaultPids is the pids limit of a host session or sandbox whose
+	// request names none ("limits": {"pids": 0} asks for none); zero: none.
+	DefaultPids int64
+	// SetupTimeout bounds a session's setup once paired (see
+	// Spec.SetupTimeout); zero: container.DefaultSetupTimeout.
+	SetupTimeout    time.Duration
+	Logger          *slog.Logger // nil: none
+	Metrics         *Metrics     // nil: none
 	OnSessionChange func(active int)
 }
 
@@ -152,11 +158,14 @@ func (m *Manager) Spec(req Request) (Spec, error) {
 		if err := dec.Decode(&ctr); err != nil {
 			return bad("container", "want {\"pid\": N} or {\"rootfs\": DIR, \"hostname\": NAME, \"network\": \"host\"|\"none\", \"limits\": {...}}: %v", err)
 		}
-		if err := ctr.Validate(); err != nil {
-			return bad("container", "%s", strings.TrimPrefix(err.Error(), "container: "))
-		}
 	}
-	if err := ptyio.CheckUserSpec(req.User); req.User != "" && err != nil {
+	if ctr.PID == 0 && !namesPids(req.Container) {
+		ctr.Limits.Pids = m.cfg.DefaultPids
+	}
+	if err := ctr.Validate(); err != nil {
+		return bad("container", "%s", strings.TrimPrefix(err.Error(), "container: "))
+	}
+	if err := container.CheckUserSpec(req.User); req.User != "" && err != nil {
 		return bad("user", "%v", err)
 	}
 	argv, err := commandArgv(req.Command, ctr.Shell())
@@ -217,7 +226,7 @@ func (m *Manager) Spec(req Request) (Spec, error) {
 	}
 	return Spec{
 		URL: u, Dial: dial, Pump: pc, ExitStatusMarker: req.ExitStatusMarker, Labels: req.Labels,
-		User: req.User, Container: ctr,
+		User: req.User, Container: ctr, SetupTimeout: m.cfg.SetupTimeout,
 		Process: ptyio.Spec{Argv: argv, Env: env, Dir: req.Dir, TTY: tty, Raw: req.Raw, Cols: uint16(req.Cols), Rows: uint16(req.Lines)},
 	}, nil
 }
@@ -446,4 +455,16 @@ func (m *Manager) Closing() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.closing
+}
+
+// namesPids reports whether a request's container object sets
+// limits.pids, so that an explicit 0 (no limit) is told from absent (the
+// operator's default).
+func namesPids(raw json.RawMessage) bool {
+	var probe struct {
+		Limits struct {
+			Pids *int64 `json:"pids"`
+		} `json:"limits"`
+	}
+	return len(raw) > 0 && json.Unmarshal(raw, &probe) == nil && probe.Limits.Pids != nil
 }

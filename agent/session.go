@@ -55,6 +55,11 @@ type Spec struct {
 	ExitStatusMarker bool
 	// Labels (app, dyno name) are carried into the log lines.
 	Labels map[string]string
+	// SetupTimeout bounds the steps where the tenant's image or container
+	// could hold the session up (user lookup, sandbox and join setup, up
+	// to the command's start); past it the session fails as spawn_failed.
+	// Zero: container.DefaultSetupTimeout.
+	SetupTimeout time.Duration
 }
 
 // Timings break a session into phases.
@@ -116,12 +121,16 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 	// dial is on the wire, off the path to the first byte. A failure is
 	// told to the client once paired; nothing runs before that either way.
 	ps := spec.Process
-	var release func()
+	var release func() error
 	var applyErr error
 	applied := make(chan struct{})
+	setup := spec.SetupTimeout
+	if setup <= 0 {
+		setup = container.DefaultSetupTimeout
+	}
 	go func() {
 		defer close(applied)
-		release, applyErr = container.Apply(spec.Container, spec.User, &ps)
+		release, applyErr = container.Apply(ctx, spec.Container, spec.User, &ps, setup)
 		if applyErr == nil && ps.TTY {
 			ps.Terminal, applyErr = ptyio.OpenTerminal(ps)
 		}
@@ -132,7 +141,11 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 		if ps.Terminal != nil && !startCalled {
 			ps.Terminal.Close() // nobody paired: Start never took it over
 		}
-		release() // after the process and its sandbox are gone
+		// After the process and its sandbox are gone: whatever is left
+		// in the session's cgroups is killed at once.
+		if err := release(); err != nil {
+			log.Warn("session cleanup", "secret_fp", spec.URL.Fingerprint(), "err", err.Error())
+		}
 	}()
 
 	conn, err := tlsdial.Dial(ctx, spec.URL, spec.Dial)
@@ -164,7 +177,16 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 
 	// Only now, with somebody attached, does the command run.
 	ts := time.Now()
-	<-applied
+	select {
+	case <-applied:
+	case <-time.After(setup):
+		// Apply reads only bounded, non-blocking files; this guards what
+		// it cannot bound (a stat on a hung filesystem in the image).
+		err := fmt.Errorf("setup took longer than its timeout (%v): the image or container held it up", setup)
+		res = fail(ReasonSpawnFailed, err)
+		tellClient(conn, err, spec, res.ExitCode)
+		return res
+	}
 	var proc *ptyio.Process
 	if err = applyErr; err == nil {
 		startCalled = true

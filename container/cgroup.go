@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 )
 
 // cgroupRoot is where cgroup filesystems are mounted.
@@ -19,166 +18,6 @@ const cgroupRoot = "/sys/fs/cgroup"
 // cgroupParent is the group, under each hierarchy's root, that holds one
 // group per sandbox or host session.
 const cgroupParent = "attach-agent"
-
-// cgroup is a sandbox's or session's control groups: one directory in the
-// unified (v2) hierarchy, or one per v1 hierarchy on hosts that still
-// mount those. The zero value (no limits asked for) does nothing.
-type cgroup struct {
-	dirs []string
-}
-
-// controller is a limit and where it is written in each hierarchy.
-type controller struct {
-	name   string // pids, memory
-	v2, v1 string // file names
-	value  int64
-}
-
-// newCgroup makes the groups for the limits asked for. It fails, naming
-// the limit, when no writable hierarchy has the controller: a limit that
-// was asked for is never silently dropped.
-func newCgroup(l Limits) (*cgroup, error) {
-	var want []controller
-	if l.Pids > 0 {
-		want = append(want, controller{name: "pids", v2: "pids.max", v1: "pids.max", value: l.Pids})
-	}
-	if l.Memory > 0 {
-		want = append(want, controller{name: "memory", v2: "memory.max", v1: "memory.limit_in_bytes", value: l.Memory})
-	}
-	cg := &cgroup{}
-	if len(want) == 0 {
-		return cg, nil
-	}
-	name := groupName("sandbox")
-	for _, c := range want {
-		dir, err := makeGroup(c, name)
-		if err != nil {
-			cg.remove()
-			return nil, fmt.Errorf("container: limits.%s: %w", limitName(c.name), err)
-		}
-		if len(cg.dirs) == 0 || cg.dirs[len(cg.dirs)-1] != dir { // v2: one group holds every limit
-			cg.dirs = append(cg.dirs, dir)
-		}
-	}
-	return cg, nil
-}
-
-func limitName(controller string) string {
-	if controller == "memory" {
-		return "memory_bytes"
-	}
-	return controller
-}
-
-// makeGroup creates the group for controller c: in the v2 hierarchy when
-// it offers c, else in c's v1 hierarchy.
-func makeGroup(c controller, name string) (string, error) {
-	for _, v2 := range []string{cgroupRoot, filepath.Join(cgroupRoot, "unified")} {
-		if !hasController(v2, c.name) {
-			continue
-		}
-		parent := filepath.Join(v2, cgroupParent)
-		if err := enableV2(v2, parent, c.name); err != nil {
-			return "", err
-		}
-		return makeDir(filepath.Join(parent, name), c.v2, c.value)
-	}
-	v1 := filepath.Join(cgroupRoot, c.name)
-	if _, err := os.Stat(filepath.Join(v1, "cgroup.procs")); err == nil {
-		if err := os.MkdirAll(filepath.Join(v1, cgroupParent), 0o755); err != nil {
-			return "", err
-		}
-		return makeDir(filepath.Join(v1, cgroupParent, name), c.v1, c.value)
-	}
-	return "", fmt.Errorf("no %s controller in a cgroup hierarchy under %s: leave the limit out, or mount cgroup v2 with %s enabled",
-		c.name, cgroupRoot, c.name)
-}
-
-func hasController(dir, name string) bool {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.controllers"))
-	return err == nil && containsWord(string(b), name)
-}
-
-func containsWord(s, w string) bool {
-	for _, f := range strings.Fields(s) {
-		if f == w {
-			return true
-		}
-	}
-	return false
-}
-
-// enableV2 makes controller available to the groups under parent; in v2 a
-// controller reaches a group only when every ancestor passes it down.
-func enableV2(root, parent, name string) error {
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return err
-	}
-	for _, dir := range []string{root, parent} {
-		b, err := os.ReadFile(filepath.Join(dir, "cgroup.subtree_control"))
-		if err == nil && containsWord(string(b), name) {
-			continue
-		}
-		if err := os.WriteFile(filepath.Join(dir, "cgroup.subtree_control"), []byte("+"+name), 0); err != nil {
-			return fmt.Errorf("enable %s in %s: %w", name, dir, err)
-		}
-	}
-	return nil
-}
-
-// makeDir makes the group dir (or takes it as it is: in v2 the sandbox's
-// one group gets every limit) and writes one limit into it.
-func makeDir(dir, file string, value int64) (string, error) {
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", err
-	}
-	if err := os.WriteFile(filepath.Join(dir, file), []byte(strconv.FormatInt(value, 10)), 0); err != nil {
-		_ = os.Remove(dir) // best effort
-		return "", fmt.Errorf("set %s to %d: %w", file, value, err)
-	}
-	return dir, nil
-}
-
-// add moves pid (and so everything it will fork) into the groups.
-func (cg *cgroup) add(pid int) error {
-	for _, dir := range cg.dirs {
-		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
-			return fmt.Errorf("container: cgroup %s: add the sandbox: %w", dir, err)
-		}
-	}
-	return nil
-}
-
-// remove deletes the groups once they are empty. The init's exit has the
-// kernel kill what was left in the sandbox, which takes a moment; whatever
-// is still there after a short while is killed here, and the wait is
-// bounded.
-func (cg *cgroup) remove() {
-	deadline := time.Now().Add(5 * time.Second)
-	for _, dir := range cg.dirs {
-		for {
-			err := os.Remove(dir)
-			if !errors.Is(err, syscall.EBUSY) || time.Now().After(deadline) {
-				break // gone, or not ours to remove (EACCES, ...): waiting would not help
-			}
-			killAll(dir)
-			time.Sleep(10 * time.Millisecond) // the kernel gives no event for an emptied v1 group
-		}
-	}
-	cg.dirs = nil
-}
-
-func killAll(dir string) {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	if err != nil {
-		return
-	}
-	for _, f := range strings.Fields(string(b)) {
-		if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
-			_ = syscall.Kill(pid, syscall.SIGKILL) // gone already is fine
-		}
-	}
-}
 
 // groupName names a session's or sandbox's group after the agent that
 // owns it (KIND-PID-RANDOM), so that a later agent can tell the groups of
@@ -208,8 +47,13 @@ func Sweep() int {
 			if err != nil || pid <= 0 || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
 				continue // an agent still there (or one we cannot tell): its own
 			}
-			cg := &cgroup{dirs: []string{g}}
-			cg.remove()
+			cg := &cgroup{dirs: []string{g}, v2fd: -1}
+			if m.v2 {
+				cg.v2 = g
+			} else if m.opts["freezer"] {
+				cg.freezer = g
+			}
+			_ = cg.release() // what it cannot remove stays, for the next sweep
 			if _, err := os.Stat(g); err != nil {
 				n++
 			}

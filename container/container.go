@@ -7,6 +7,7 @@
 package container
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -14,8 +15,10 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/attach-agent/attach-agent/ptyio"
+	"golang.org/x/sys/unix"
 )
 
 // Network modes of a sandbox.
@@ -46,23 +49,48 @@ type Spec struct {
 	// Overlay leaves Rootfs untouched: the sandbox sees it under a
 	// writable layer in memory that goes away with the sandbox.
 	Overlay bool `json:"overlay,omitempty"`
-	// Privileged keeps every capability for a command run as root in the
-	// sandbox; by default it keeps only what container runtimes give
-	// (no mounting, no hostname, no module loading, no tracing).
+	// OverlaySize bounds that layer, in bytes; zero: the memory limit
+	// when one is set, else DefaultOverlaySize.
+	OverlaySize int64 `json:"overlay_size_bytes,omitempty"`
+	// Privileged runs the sandbox as before any hardening: a command run
+	// as root keeps every capability, and there is no seccomp filter, no
+	// no_new_privs, no device allowlist, no masked or read-only /proc
+	// paths and no nosuid/nodev. By default a sandbox holds its command
+	// as a container runtime's defaults do (see init.go, seccomp.go).
 	Privileged bool `json:"privileged,omitempty"`
 }
 
-// Limits are a sandbox's resource limits. Zero leaves each unlimited (as
-// the agent's own, for rlimits).
+// DefaultOverlaySize bounds an overlay's writable layer when no memory
+// limit is set.
+const DefaultOverlaySize = 1 << 30
+
+func (s Spec) overlaySize() int64 {
+	switch {
+	case s.OverlaySize > 0:
+		return s.OverlaySize
+	case s.Limits.Memory > 0:
+		return s.Limits.Memory
+	}
+	return DefaultOverlaySize
+}
+
+// Limits are a session's resource limits. Zero leaves each unlimited (as
+// the agent's own, for rlimits). Pids and Memory hold host sessions too;
+// NoFile and NProc are set by a sandbox's init.
 type Limits struct {
 	NoFile uint64 `json:"nofile,omitempty"` // RLIMIT_NOFILE, open files per process
 	NProc  uint64 `json:"nproc,omitempty"`  // RLIMIT_NPROC, processes per user (not enforced on root)
-	Pids   int64  `json:"pids,omitempty"`   // cgroup pids limit: tasks in the whole sandbox
+	Pids   int64  `json:"pids,omitempty"`   // cgroup pids limit: tasks in the whole session or sandbox
 	Memory int64  `json:"memory_bytes,omitempty"`
 }
 
-// IsZero reports whether the command runs on the host.
-func (s Spec) IsZero() bool { return s == Spec{} }
+// DefaultPids is the pids limit a host session or sandbox gets when the
+// operator sets none (the daemon's and attach's --limit-pids): enough for
+// a parallel build, not for a fork bomb to take the host's pid space.
+const DefaultPids = 4096
+
+// IsZero reports whether the command runs on the host (limits aside).
+func (s Spec) IsZero() bool { return s.PID == 0 && s.Rootfs == "" }
 
 // Validate checks the spec's shape (not whether the process or directory
 // is there: that is checked when the session starts).
@@ -73,9 +101,15 @@ func (s Spec) Validate() error {
 	if s.PID < 0 {
 		return fmt.Errorf("container: pid %d: want a process id above 0", s.PID)
 	}
+	if s.Limits.Pids < 0 || s.Limits.Memory < 0 || s.OverlaySize < 0 {
+		return errors.New("container: limits: pids, memory_bytes and overlay_size_bytes must not be negative")
+	}
+	if s.PID != 0 && s.Limits != (Limits{}) {
+		return errors.New("container: limits are for a sandbox or a host session: a joined command is held by its container's own")
+	}
 	if s.Rootfs == "" {
-		if s.Hostname != "" || s.Network != "" || s.Limits != (Limits{}) || s.Privileged || s.Overlay {
-			return errors.New("container: hostname, network, limits, overlay and privileged are for a sandbox: give rootfs too")
+		if s.Hostname != "" || s.Network != "" || s.Limits.NoFile != 0 || s.Limits.NProc != 0 || s.Privileged || s.Overlay || s.OverlaySize != 0 {
+			return errors.New("container: hostname, network, limits.nofile, limits.nproc, overlay and privileged are for a sandbox: give rootfs too")
 		}
 		return nil
 	}
@@ -84,6 +118,12 @@ func (s Spec) Validate() error {
 	}
 	if filepath.Clean(s.Rootfs) == "/" {
 		return errors.New("container: rootfs /: a sandbox needs its own root directory")
+	}
+	if strings.HasPrefix(filepath.Clean(s.Rootfs), "/proc/") {
+		return fmt.Errorf("container: rootfs %s: a path in /proc is another process's root (give pid to join it)", s.Rootfs)
+	}
+	if s.OverlaySize != 0 && !s.Overlay {
+		return errors.New("container: overlay_size_bytes is for an overlay: set overlay too")
 	}
 	if s.Overlay && strings.ContainsAny(s.Rootfs, ",:\\") {
 		return fmt.Errorf("container: rootfs %q: with overlay, a path without ',', ':' or '\\' (overlayfs options cannot hold them)", s.Rootfs)
@@ -95,9 +135,6 @@ func (s Spec) Validate() error {
 	case "", NetworkHost, NetworkNone:
 	default:
 		return fmt.Errorf("container: network %q: want %q or %q", s.Network, NetworkHost, NetworkNone)
-	}
-	if s.Limits.Pids < 0 || s.Limits.Memory < 0 {
-		return errors.New("container: limits: pids and memory_bytes must not be negative")
 	}
 	return nil
 }
@@ -153,40 +190,49 @@ func (s Spec) Root() string {
 }
 
 // Apply readies p to run as user (empty: as the agent) in the container:
-// it resolves the user against the container's files, fills in the
-// credentials, HOME, USER, LOGNAME and SHELL, a working directory (the
-// user's home there, else "/", when none is given and the command does
-// not run as the agent on the host), and a Launch that starts the command
-// inside. On the host the command is born in a cgroup of the session's own
-// where one can be made, so that what it leaves behind can be ended.
-// The returned release is to be called once the command is gone (it ends
-// such leftovers and removes the session's or sandbox's cgroup); it is
-// never nil.
-func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
-	release = func() {}
+// it resolves the user against the container's files (inside its root),
+// fills in the credentials, HOME, USER, LOGNAME and SHELL, a working
+// directory (the user's home there, else "/", when none is given and the
+// command does not run as the agent on the host), and a Launch that
+// starts the command inside. A join pins its target process now. Every
+// command but a joined one is born in cgroups of the session's own, with
+// its limits, so that what it leaves behind is ended with it. ctx ends
+// any wait on the tenant during the launch (setup bounds each).
+// The returned release is to be called once the command is gone: it kills
+// what is left in the session's groups at once, removes them, and says
+// what it could not; it is never nil.
+func Apply(ctx context.Context, s Spec, user string, p *ptyio.Spec, setup time.Duration) (release func() error, err error) {
+	release = func() error { return nil }
+	if setup <= 0 {
+		setup = DefaultSetupTimeout
+	}
+	sc := setupCtx{ctx: ctx, timeout: setup}
 	if err := s.Validate(); err != nil {
 		return release, err
 	}
+	var t *target
 	if s.PID != 0 {
-		if err := checkTarget(s.PID); err != nil {
+		if t, err = pinTarget(s.PID); err != nil {
 			return release, err
 		}
+		t.setup = sc
+		release = func() error { t.close(); return nil }
+	}
+	fail := func(err error) (func() error, error) {
+		_ = release()
+		return func() error { return nil }, err
 	}
 	if s.Rootfs != "" {
-		st, err := os.Stat(s.Rootfs)
-		if err != nil {
-			return release, fmt.Errorf("container: rootfs: %w", err)
-		}
-		if !st.IsDir() {
-			return release, fmt.Errorf("container: rootfs %s: not a directory", s.Rootfs)
+		if err := checkRootfs(s.Rootfs); err != nil {
+			return fail(err)
 		}
 	}
 	root := s.Root()
 	var home string
 	if user != "" {
-		id, err := ptyio.LookupUser(user, root)
+		id, err := LookupUser(user, root)
 		if err != nil {
-			return release, err
+			return fail(err)
 		}
 		attr := &syscall.SysProcAttr{}
 		if p.SysProcAttr != nil {
@@ -201,26 +247,49 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 	if p.Dir == "" && (user != "" || !s.IsZero()) {
 		p.Dir = "/"
 		if home != "" {
-			if st, err := os.Stat(filepath.Join(root, home)); err == nil && st.IsDir() {
-				p.Dir = home
+			if r, err := openRoot(root); err == nil {
+				if r.isDir(home) {
+					p.Dir = home
+				}
+				r.close()
 			}
 		}
 	}
 	switch {
 	case s.IsZero():
-		if t := newTracker(); t != nil {
-			p.Launch, release = t.launch, t.release
+		cg, err := newGroup(needs{kind: "session", limits: s.Limits})
+		if err != nil {
+			return fail(err)
+		}
+		if cg != nil {
+			p.Launch = func(cmd *exec.Cmd) error {
+				path, err := ptyio.Resolve(cmd.Args[0], cmd.Env, cmd.Dir)
+				if err != nil {
+					return err
+				}
+				cmd.Path = path
+				return cg.start(cmd)
+			}
+			release = cg.release
 		}
 	case s.PID != 0:
+		conf, err := readConfinement(s.PID)
+		if err == nil {
+			err = t.check() // what was read is the pinned process's
+		}
+		if err != nil {
+			return fail(err)
+		}
 		cg, err := planCgroups(s.PID) // read now, off the spawn path
 		if err != nil {
-			return release, err
+			return fail(err)
 		}
-		p.Launch, release = agentFailures(joinLaunch(s.PID, cg)), cg.close
+		p.Launch = agentFailures(joinLaunch(t, conf, cg))
+		release = func() error { cg.close(); t.close(); return nil }
 	case s.Rootfs != "":
-		cg, err := newCgroup(s.Limits)
+		cg, err := newGroup(needs{kind: "sandbox", limits: s.Limits, devices: !s.Privileged})
 		if err != nil {
-			return release, err
+			return fail(err)
 		}
 		scratch := ""
 		if s.Overlay {
@@ -228,23 +297,47 @@ func Apply(s Spec, user string, p *ptyio.Spec) (release func(), err error) {
 			// mounted on it inside the sandbox only, so the host sees an
 			// empty directory, removed after.
 			if scratch, err = os.MkdirTemp("", "attach-agent-sandbox-"); err != nil {
-				cg.remove()
-				return release, fmt.Errorf("container: overlay scratch: %w", err)
+				_ = cg.release()
+				return fail(fmt.Errorf("container: overlay scratch: %w", err))
 			}
 		}
 		var lifeline *os.File
-		p.Launch = agentFailures(sandboxLaunch(s, cg, scratch, &lifeline))
-		release = func() {
+		p.Launch = agentFailures(sandboxLaunch(sc, s, cg, scratch, &lifeline))
+		release = func() error {
 			if lifeline != nil {
 				_ = lifeline.Close() // the init is gone by now; if not, this ends it
 			}
-			cg.remove()
+			err := cg.release()
 			if scratch != "" {
 				_ = os.Remove(scratch) // best effort: empty on the host
 			}
+			return err
 		}
 	}
 	return release, nil
+}
+
+// checkRootfs refuses a rootfs that is a directory the sandbox must not
+// have: not a directory, or the host's own root under another name (a
+// bind mount of /, a symlink to it), which would hand the host to the
+// tenant.
+func checkRootfs(dir string) error {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("container: rootfs: %w", &os.PathError{Op: "open", Path: dir, Err: err})
+	}
+	defer func() { _ = unix.Close(fd) }() // best effort
+	var st, host unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("container: rootfs %s: %w", dir, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return fmt.Errorf("container: rootfs %s: not a directory", dir)
+	}
+	if err := unix.Stat("/", &host); err == nil && st.Dev == host.Dev && st.Ino == host.Ino {
+		return fmt.Errorf("container: rootfs %s is the host's root directory: give the sandbox an image of its own", dir)
+	}
+	return nil
 }
 
 // agentFailures marks a launch's own failures (entering a namespace,
@@ -281,8 +374,13 @@ func checkTarget(pid int) error {
 // Shell is the shell for a command given as a string: bash where the
 // container has it (Heroku runs commands with bash), else sh.
 func (s Spec) Shell() string {
-	for _, d := range []string{"bin", "usr/bin"} {
-		if st, err := os.Stat(filepath.Join(s.Root(), d, "bash")); err == nil && !st.IsDir() {
+	r, err := openRoot(s.Root())
+	if err != nil {
+		return "sh"
+	}
+	defer r.close()
+	for _, p := range []string{"bin/bash", "usr/bin/bash"} {
+		if st, err := r.stat(p); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
 			return "bash"
 		}
 	}

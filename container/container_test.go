@@ -1,6 +1,7 @@
 package container
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,7 +30,12 @@ func TestValidate(t *testing.T) {
 		{Spec{PID: -3}, "want a process id above 0"},
 		{Spec{Hostname: "h"}, "give rootfs too"},
 		{Spec{PID: 7, Network: "none"}, "give rootfs too"},
-		{Spec{Limits: Limits{Pids: 1}}, "give rootfs too"},
+		{Spec{Limits: Limits{Pids: 1, Memory: 1 << 20}}, ""}, // a host session's own limits
+		{Spec{Limits: Limits{NoFile: 1}}, "give rootfs too"},
+		{Spec{PID: 7, Limits: Limits{Pids: 1}}, "held by its container's own"},
+		{Spec{Rootfs: "/proc/1/root"}, "another process's root"},
+		{Spec{Rootfs: "/srv/r", OverlaySize: 1 << 20}, "set overlay too"},
+		{Spec{Rootfs: "/srv/r", Overlay: true, OverlaySize: -1}, "must not be negative"},
 		{Spec{Rootfs: "srv/r"}, "want an absolute path"},
 		{Spec{Rootfs: "/"}, "needs its own root directory"},
 		{Spec{Rootfs: "/srv/../"}, "needs its own root directory"},
@@ -82,10 +88,13 @@ func TestApplyErrors(t *testing.T) {
 		{Spec{PID: 1 << 30}, "", "no such process: give the pid of a process in the running container"},
 		{Spec{Rootfs: file}, "", "not a directory"},
 		{Spec{Rootfs: t.TempDir()}, "app", "no such file"}, // no etc/passwd in the root
+		// The host's root under another name (here a symlink to it).
+		{Spec{Rootfs: hostRootLink(t)}, "", "is the host's root directory"},
+		{Spec{Rootfs: "/proc/1/root"}, "", "another process's root"},
 	} {
 		p := ptyio.Spec{Argv: []string{"true"}}
-		release, err := Apply(tc.s, tc.user, &p)
-		release()
+		release, err := Apply(context.Background(), tc.s, tc.user, &p, 0)
+		_ = release()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v %q: %v, want %q", tc.s, tc.user, err, tc.want)
 		}
@@ -93,6 +102,14 @@ func TestApplyErrors(t *testing.T) {
 			t.Errorf("%+v: a failed Apply changed the spec", tc.s)
 		}
 	}
+}
+
+func hostRootLink(t *testing.T) string {
+	link := filepath.Join(t.TempDir(), "root")
+	if err := os.Symlink("/", link); err != nil {
+		t.Fatal(err)
+	}
+	return link
 }
 
 // Sweep ends the groups of an agent that is gone, with what runs in them,
@@ -122,7 +139,7 @@ func TestSweep(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() { (&cgroup{dirs: []string{live, dead}}).remove() })
+	t.Cleanup(func() { _ = (&cgroup{dirs: []string{live, dead}, v2fd: -1}).release() })
 	// A process the dead agent left running in its group.
 	cmd := exec.Command("sleep", "1000")
 	if err := cmd.Start(); err != nil {
@@ -200,7 +217,7 @@ func TestRemoveGivesUpOnWhatIsNotBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
-	go func() { (&cgroup{dirs: []string{dir}}).remove(); close(done) }()
+	go func() { _ = (&cgroup{dirs: []string{dir}, v2fd: -1}).release(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(4 * time.Second): // the busy wait's bound is 5 s
@@ -208,25 +225,5 @@ func TestRemoveGivesUpOnWhatIsNotBusy(t *testing.T) {
 	}
 	if _, err := os.Stat(dir); err != nil {
 		t.Errorf("a non-empty directory went: %v", err)
-	}
-}
-
-// In v2 one group holds every limit: making it again for the second limit
-// takes the group as it is (before, pids and memory together on a v2-only
-// host would have failed with "file exists"; this host's v1 hierarchies
-// hide that path from the sandbox tests).
-func TestMakeDirTwiceForTwoLimits(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "sandbox-1-abc")
-	for _, f := range []struct {
-		file  string
-		value int64
-	}{{"pids.max", 24}, {"memory.max", 1 << 20}} {
-		got, err := makeDir(dir, f.file, f.value)
-		if err != nil || got != dir {
-			t.Fatalf("makeDir %s: %q, %v", f.file, got, err)
-		}
-		if b, _ := os.ReadFile(filepath.Join(dir, f.file)); string(b) != strconv.FormatInt(f.value, 10) {
-			t.Errorf("%s = %q", f.file, b)
-		}
 	}
 }

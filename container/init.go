@@ -10,23 +10,26 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"github.com/attach-agent/attach-agent/ptyio"
 	"golang.org/x/sys/unix"
 )
 
-// Main runs the sandbox init, and never returns, when this process was
-// started as one; otherwise it returns at once. Call it first in main, and
+// Main runs the sandbox init or the join helper, and never returns, when
+// this process was started as one; otherwise it returns at once. Call it first in main, and
 // in TestMain of tests that start sandboxes (their binary is the one
 // re-executed).
 func Main() {
-	if len(os.Args) != 2 || os.Args[1] != initArg {
+	if len(os.Args) != 2 {
 		return
 	}
-	os.Exit(runInit())
+	switch os.Args[1] {
+	case initArg:
+		os.Exit(runInit())
+	case helperArg:
+		os.Exit(runJoinHelper())
+	}
 }
 
 // runInit is PID 1 of a sandbox: set up its root, start the command, then
@@ -63,7 +66,13 @@ func runInit() int {
 		return 125
 	}
 	if !cfg.Privileged {
-		if err := dropCaps(); err != nil {
+		// On this (locked) thread, which forks the command: what is given
+		// up here the command never has.
+		err := dropBounding(func(c int) bool { return keptCaps[c] }, lastCap())
+		if err == nil {
+			err = installFilter()
+		}
+		if err != nil {
 			report(initStatus{Code: 125, Err: "sandbox: " + err.Error()})
 			return 125
 		}
@@ -154,15 +163,27 @@ func setupSandbox(cfg initConfig) error {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make mounts private: %w", err)
 	}
+	// Where a device node or a setuid file has no business: the image
+	// may bring both (a node for the host's disk, a setuid shell).
+	var nodev uintptr
+	if !cfg.Privileged {
+		nodev = unix.MS_NOSUID | unix.MS_NODEV
+	}
 	if cfg.Scratch != "" {
 		var err error
-		if r, err = overlayRoot(r, cfg.Scratch); err != nil {
+		if r, err = overlayRoot(r, cfg.Scratch, cfg.OverlaySize, nodev); err != nil {
 			return err
 		}
 	}
 	// pivot_root needs the new root to be a mount point.
 	if err := unix.Mount(r, r, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("bind %s: %w", r, err)
+	}
+	if nodev != 0 {
+		// A bind takes its flags only on a remount.
+		if err := unix.Mount("", r, "", unix.MS_REMOUNT|unix.MS_BIND|nodev, ""); err != nil {
+			return fmt.Errorf("root nosuid,nodev: %w", err)
+		}
 	}
 	if err := mountAt(r, "proc", "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return err
@@ -173,7 +194,12 @@ func setupSandbox(cfg initConfig) error {
 	if err := mountAt(r, "sys", "sysfs", "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return err
 	}
-	if err := setupDev(r, cfg.TTY); err != nil {
+	if !cfg.Privileged {
+		if err := maskPaths(r); err != nil {
+			return err
+		}
+	}
+	if err := setupDev(r, cfg.TTY, nodev); err != nil {
 		return err
 	}
 	if !cfg.NoNet {
@@ -211,8 +237,8 @@ func setupSandbox(cfg initConfig) error {
 // overlayRoot puts lower under a writable layer on a tmpfs mounted at
 // scratch (in the sandbox's mount namespace only) and returns the merged
 // root.
-func overlayRoot(lower, scratch string) (string, error) {
-	if err := unix.Mount("tmpfs", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=755"); err != nil {
+func overlayRoot(lower, scratch string, size int64, nodev uintptr) (string, error) {
+	if err := unix.Mount("tmpfs", scratch, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("mode=755,size=%d", size)); err != nil {
 		return "", fmt.Errorf("overlay scratch: %w", err)
 	}
 	for _, d := range []string{"upper", "work", "root"} {
@@ -222,7 +248,7 @@ func overlayRoot(lower, scratch string) (string, error) {
 	}
 	root := filepath.Join(scratch, "root")
 	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, filepath.Join(scratch, "upper"), filepath.Join(scratch, "work"))
-	if err := unix.Mount("overlay", root, "overlay", 0, opts); err != nil {
+	if err := unix.Mount("overlay", root, "overlay", nodev, opts); err != nil {
 		return "", fmt.Errorf("overlay on %s: %w", lower, err)
 	}
 	return root, nil
@@ -231,8 +257,10 @@ func overlayRoot(lower, scratch string) (string, error) {
 // setupDev is a small /dev: the usual character devices bound from the
 // host's, a devpts of the sandbox's own (so programs inside can open
 // ptys), /dev/shm, and the session's terminal as /dev/console.
-func setupDev(r string, tty bool) error {
-	if err := mountAt(r, "dev", "tmpfs", "tmpfs", unix.MS_NOSUID|unix.MS_STRICTATIME, "mode=755,size=1m"); err != nil {
+func setupDev(r string, tty bool, nodev uintptr) error {
+	// nodev holds this tmpfs to the nodes bound below (each bind keeps the
+	// host's /dev flags): none made here would open.
+	if err := mountAt(r, "dev", "tmpfs", "tmpfs", unix.MS_NOSUID|unix.MS_STRICTATIME|nodev, "mode=755,size=1m"); err != nil {
 		return err
 	}
 	dev := filepath.Join(r, "dev")
@@ -249,7 +277,7 @@ func setupDev(r string, tty bool) error {
 	if err := mountAt(dev, "pts", "devpts", "devpts", unix.MS_NOSUID|unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"); err != nil {
 		return err
 	}
-	if err := mountAt(dev, "shm", "tmpfs", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777,size=64m"); err != nil {
+	if err := mountAt(dev, "shm", "tmpfs", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=1777,size=64m"); err != nil {
 		return err
 	}
 	for name, target := range map[string]string{
@@ -385,32 +413,61 @@ func setLimits(l Limits) error {
 }
 
 // keptCaps are what a sandboxed command run as root may keep: the set
-// container runtimes give by default (Docker's), enough to own files, bind
-// low ports, switch users and signal its own processes, but not to mount,
-// change the hostname, load modules, trace or reach the host's devices.
+// container runtimes give by default (Docker's) less CAP_MKNOD, enough to
+// own files, bind low ports, switch users and signal its own processes,
+// but not to mount, change the hostname, load modules, trace or make
+// device nodes (the device allowlist refuses them anyway).
 var keptCaps = map[int]bool{
 	unix.CAP_CHOWN: true, unix.CAP_DAC_OVERRIDE: true, unix.CAP_FSETID: true, unix.CAP_FOWNER: true,
-	unix.CAP_MKNOD: true, unix.CAP_NET_RAW: true, unix.CAP_SETGID: true, unix.CAP_SETUID: true,
+	unix.CAP_NET_RAW: true, unix.CAP_SETGID: true, unix.CAP_SETUID: true,
 	unix.CAP_SETFCAP: true, unix.CAP_SETPCAP: true, unix.CAP_NET_BIND_SERVICE: true,
 	unix.CAP_SYS_CHROOT: true, unix.CAP_KILL: true, unix.CAP_AUDIT_WRITE: true,
 }
 
-// dropCaps drops every other capability from the calling thread's
-// bounding set, which the command inherits: as root it gains no more at
-// exec. The init keeps its own (it needs none after setup).
-func dropCaps() error {
-	last := unix.CAP_LAST_CAP
-	if b, err := os.ReadFile("/proc/sys/kernel/cap_last_cap"); err == nil {
-		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-			last = n
+// maskedPaths are hidden from a sandbox (runc's and Docker's defaults):
+// host kernel memory and keys, timers and scheduler state that leak what
+// other tenants do, and firmware and power interfaces. A file is covered
+// by /dev/null, a directory by an empty read-only tmpfs.
+var maskedPaths = []string{
+	"proc/acpi", "proc/asound", "proc/interrupts", "proc/kcore", "proc/keys", "proc/latency_stats",
+	"proc/timer_list", "proc/timer_stats", "proc/sched_debug", "proc/scsi",
+	"sys/firmware", "sys/devices/virtual/powercap",
+}
+
+// readonlyPaths are the parts of /proc that write to the host's kernel:
+// sysctls (core_pattern runs a program as host root), sysrq, interrupt
+// affinity, bus and filesystem settings.
+var readonlyPaths = []string{"proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger"}
+
+// maskPaths masks and makes read-only the paths above under r (the
+// sandbox's own /proc and /sys, mounted just before: no tenant link is in
+// the way).
+func maskPaths(r string) error {
+	for _, p := range maskedPaths {
+		target := filepath.Join(r, p)
+		st, err := os.Lstat(target)
+		if err != nil {
+			continue // not on this kernel
+		}
+		if st.IsDir() {
+			err = unix.Mount("tmpfs", target, "tmpfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "size=0")
+		} else {
+			err = unix.Mount("/dev/null", target, "", unix.MS_BIND, "")
+		}
+		if err != nil {
+			return fmt.Errorf("mask /%s: %w", p, err)
 		}
 	}
-	for c := 0; c <= last; c++ {
-		if keptCaps[c] {
+	for _, p := range readonlyPaths {
+		target := filepath.Join(r, p)
+		if _, err := os.Lstat(target); err != nil {
 			continue
 		}
-		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-			return fmt.Errorf("drop capability %d: %w", c, err)
+		if err := unix.Mount(target, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("/%s read-only: %w", p, err)
+		}
+		if err := unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("/%s read-only: %w", p, err)
 		}
 	}
 	return nil

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strings"
 
@@ -27,34 +26,48 @@ var joinOrder = []struct {
 	{"mnt", unix.CLONE_NEWNS},
 }
 
-// joinLaunch starts a command inside the namespaces and root of process
-// pid. The agent is multi-threaded, and most namespaces are per thread: so
+// joinLaunch starts a command inside the namespaces and root of the
+// pinned target process, confined as that process is (see confinement).
+// The agent is multi-threaded, and most namespaces are per thread: so
 // one OS thread, locked to a goroutine, enters them, chroots, looks the
 // program up inside and forks the command, which inherits that thread's
-// namespaces (the PID namespace as "for children"). The thread is never
-// unlocked, so Go discards it when the goroutine ends, and the runtime
-// never starts new threads from a locked one: nothing else runs inside.
-func joinLaunch(pid int, cg *cgroupPlan) func(*exec.Cmd) error {
+// namespaces (the PID namespace as "for children"), bounding set and
+// no_new_privs. The thread is never unlocked, so Go discards it when the
+// goroutine ends, and the runtime never starts new threads from a locked
+// one: nothing else runs inside.
+//
+// A seccomp filter on that thread would refuse the clone3 that
+// CLONE_INTO_CGROUP needs, so where both are wanted the thread starts the
+// agent's own binary as a small helper inside (joinexec.go), which
+// installs the filter and execs the command.
+func joinLaunch(t *target, conf confinement, cg *cgroupPlan) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
-		same, err := sameNS(pid, "user")
+		if err := t.check(); err != nil {
+			return err
+		}
+		same, err := sameNS(t.pid, "user")
 		if err != nil {
 			return err
 		}
 		if !same {
-			return onFreshThread(func() error { return nsenterStart(cmd, pid, cg) })
+			return onFreshThread(func() error { return nsenterStart(cmd, t, conf, cg) })
 		}
-		fds, err := openNS(pid)
+		fds, err := openNS(t.pid)
 		if err != nil {
 			return err
 		}
 		defer closeAll(fds)
-		rootFd, err := unix.Open(fmt.Sprintf("/proc/%d/root", pid), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		rootFd, err := unix.Open(fmt.Sprintf("/proc/%d/root", t.pid), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return fmt.Errorf("container: pid %d: open its root: %w", pid, err)
+			return fmt.Errorf("container: pid %d: open its root: %w", t.pid, err)
 		}
 		defer func() { _ = unix.Close(rootFd) }() // best effort
-
-		return onFreshThread(func() error { return startInside(cmd, fds, rootFd, pid, cg) })
+		// Opened through the number, then checked again: had the process
+		// gone and its number been taken, the check fails now.
+		if err := t.check(); err != nil {
+			return err
+		}
+		return onFreshThread(func() error { return startInside(cmd, fds, rootFd, t, conf, cg) })
 	}
 }
 
@@ -83,7 +96,8 @@ func onFreshThread(fn func() error) error {
 	return <-errc
 }
 
-func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int, cg *cgroupPlan) error {
+func startInside(cmd *exec.Cmd, fds []int, rootFd int, t *target, conf confinement, cg *cgroupPlan) error {
+	pid := t.pid
 	// The thread's root and cwd are shared with the whole process until
 	// this; setns into a mount namespace also requires it.
 	if err := unix.Unshare(unix.CLONE_FS); err != nil {
@@ -94,13 +108,8 @@ func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int, cg *cgroupPlan) erro
 		return err
 	}
 	cg.apply(cmd.SysProcAttr)
-	for i, fd := range fds {
-		if fd < 0 {
-			continue // already shared with the agent
-		}
-		if err := unix.Setns(fd, joinOrder[i].flag); err != nil {
-			return fmt.Errorf("container: pid %d: enter its %s namespace: %w", pid, joinOrder[i].name, err)
-		}
+	if err := enterNS(t, fds); err != nil {
+		return err
 	}
 	if err := unix.Fchdir(rootFd); err != nil {
 		return fmt.Errorf("container: pid %d: enter its root: %w", pid, err)
@@ -115,8 +124,53 @@ func startInside(cmd *exec.Cmd, fds []int, rootFd, pid int, cg *cgroupPlan) erro
 	if err != nil {
 		return err
 	}
+	helper := conf.Seccomp && cmd.SysProcAttr.UseCgroupFD
+	if err := conf.apply(runsAsRoot(cmd), !helper); err != nil {
+		return fmt.Errorf("container: pid %d: confine as the container: %w", pid, err)
+	}
+	if helper {
+		// /proc/self/exe is a magic link: the child execs the agent's
+		// binary through the container's /proc, whatever its root holds.
+		return startHelper(t.setup, cmd, helperConfig{Path: path, Seccomp: true}, "/proc/self/exe", []string{"attach-agent", helperArg}, nil)
+	}
 	cmd.Path = path
 	return cmd.Start()
+}
+
+// enterNS enters the target's namespaces: all at once through its pidfd
+// where the kernel allows (Linux 5.8), else through the files opened from
+// /proc/PID/ns (checked against the pidfd after they were opened).
+func enterNS(t *target, fds []int) error {
+	flags := 0
+	for i, fd := range fds {
+		if fd >= 0 {
+			flags |= joinOrder[i].flag
+		}
+	}
+	if flags == 0 {
+		return nil
+	}
+	err := unix.Setns(t.pidfd, flags)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("container: pid %d: enter its namespaces: %w", t.pid, err)
+	}
+	for i, fd := range fds {
+		if fd < 0 {
+			continue // already shared with the agent
+		}
+		if err := unix.Setns(fd, joinOrder[i].flag); err != nil {
+			return fmt.Errorf("container: pid %d: enter its %s namespace: %w", t.pid, joinOrder[i].name, err)
+		}
+	}
+	return nil
+}
+
+func runsAsRoot(cmd *exec.Cmd) bool {
+	c := cmd.SysProcAttr.Credential
+	return c == nil || c.Uid == 0
 }
 
 // openNS opens pid's namespaces in joinOrder; -1 for one the agent is
@@ -174,26 +228,60 @@ func sameNS(pid int, name string) (bool, error) {
 // nsenterStart joins a container in another user namespace through
 // util-linux's nsenter: setns into a user namespace is refused to a
 // multi-threaded process, which a Go program always is, and nsenter is a
-// single-threaded C program that does it before exec. Its limits: the
-// command gets the user's primary group only (nsenter clears supplementary
-// groups), and a missing program is reported by nsenter on the terminal
-// (status 126/127) rather than as a spawn error.
-func nsenterStart(cmd *exec.Cmd, pid int, cg *cgroupPlan) error {
+// single-threaded C program that does it before exec. Entering a user
+// namespace gives a full bounding set again, so nsenter does not start
+// the command itself: it starts the agent's own binary as a helper inside
+// (joinexec.go), which switches to the user, confines itself as the
+// target and execs the command. nsenter is handed the namespaces and the
+// root as files opened (and checked against the pidfd) here, its working
+// directory is the container's root, never the agent's, and its
+// environment is empty: nothing of the request reaches it.
+func nsenterStart(cmd *exec.Cmd, t *target, conf confinement, cg *cgroupPlan) error {
+	pid := t.pid
 	nsenter, err := exec.LookPath("nsenter")
 	if err != nil {
 		return fmt.Errorf("container: pid %d is in another user namespace, which needs util-linux's nsenter to join: install it (package util-linux)", pid)
 	}
-	args := []string{"nsenter", "--target", fmt.Sprint(pid),
-		"--user", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup", "--root"}
-	if cmd.Dir != "" {
-		// Opened by nsenter before it enters the namespaces: so the path
-		// is the container's directory as the agent sees it.
-		args = append(args, "--wd="+filepath.Join(fmt.Sprintf("/proc/%d/root", pid), cmd.Dir))
+	names := []string{"user", "mnt", "uts", "ipc", "net", "pid", "cgroup", "root"}
+	var files []*os.File
+	defer func() {
+		for _, f := range files {
+			_ = f.Close() // nsenter has its own copies
+		}
+	}()
+	for _, n := range names {
+		path := fmt.Sprintf("/proc/%d/ns/%s", pid, n)
+		if n == "root" {
+			path = fmt.Sprintf("/proc/%d/root", pid)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("container: pid %d: open %s: %w", pid, path, err)
+		}
+		files = append(files, f)
 	}
+	if err := t.check(); err != nil {
+		return err
+	}
+	exe, err := os.Open("/proc/self/exe")
+	if err != nil {
+		return fmt.Errorf("container: the agent's own binary: %w", err)
+	}
+	files = append(files, exe)
+	// The helper's config and status pipes are fds 3 and 4 (startHelper);
+	// these follow.
+	first := 3 + 2
+	flag := map[string]string{"user": "--user", "mnt": "--mount", "uts": "--uts", "ipc": "--ipc",
+		"net": "--net", "pid": "--pid", "cgroup": "--cgroup", "root": "--root"}
+	args := []string{"nsenter"}
+	for i, n := range names {
+		args = append(args, fmt.Sprintf("%s=/proc/self/fd/%d", flag[n], first+i))
+	}
+	args = append(args, fmt.Sprintf("--wd=/proc/self/fd/%d", first+len(names)-1))
 	attr := cmd.SysProcAttr
+	hc := helperConfig{Confine: &conf, Seccomp: conf.Seccomp, Cred: attr.Credential, Root: runsAsRoot(cmd)}
 	if c := attr.Credential; c != nil {
-		args = append(args, "--setuid", fmt.Sprint(c.Uid), "--setgid", fmt.Sprint(c.Gid))
-		attr.Credential = nil // nsenter needs root to enter; it switches after
+		attr.Credential = nil // nsenter needs root to enter; the helper switches after
 		// The terminal was handed to the uid as the host numbers it; in
 		// the container's namespace that uid is another host uid.
 		if tty, ok := cmd.Stdin.(*os.File); ok && attr.Setctty {
@@ -206,18 +294,14 @@ func nsenterStart(cmd *exec.Cmd, pid int, cg *cgroupPlan) error {
 			}
 		}
 	}
-	// Without a user, nsenter makes the command root inside, as the agent
-	// is outside.
-	cmd.Path = nsenter
-	cmd.Args = append(append(args, "--"), cmd.Args...)
-	cmd.Dir = ""
-	// nsenter, and so the command it forks, is born in the container's
-	// cgroups (see cgroupPlan).
+	// nsenter, and so what it forks, is born in the container's cgroups
+	// (see cgroupPlan).
 	if err := cg.enter(); err != nil {
 		return err
 	}
 	cg.apply(attr)
-	return cmd.Start()
+	exePath := fmt.Sprintf("/proc/self/fd/%d", first+len(names))
+	return startHelper(t.setup, cmd, hc, nsenter, append(args, "--", exePath, helperArg), files)
 }
 
 // hostID maps id, as the user namespace of pid numbers it, to the agent's

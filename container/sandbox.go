@@ -1,6 +1,7 @@
 package container
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,9 +18,18 @@ import (
 // init (see Main).
 const initArg = "__sandbox-init"
 
-// initSetupTimeout bounds the init's setup, from its start to the
-// command's.
-const initSetupTimeout = 10 * time.Second
+// DefaultSetupTimeout bounds a session's setup where the tenant's image
+// or container could hold it up: the user lookup, a sandbox init's setup,
+// a join helper's, up to the command's start. Past it the session fails
+// with spawn_failed (125) and the reason.
+const DefaultSetupTimeout = 10 * time.Second
+
+// setupCtx is a session's context and setup timeout, for the steps of a
+// launch that wait on the tenant.
+type setupCtx struct {
+	ctx     context.Context
+	timeout time.Duration
+}
 
 // initConfig is what the agent tells its init through fd 3.
 type initConfig struct {
@@ -33,7 +43,9 @@ type initConfig struct {
 	Limits     Limits
 	Privileged bool
 	Scratch    string // with overlay: where the writable layer goes
-	Cred       *syscall.Credential
+	// OverlaySize bounds the writable layer's tmpfs, in bytes.
+	OverlaySize int64
+	Cred        *syscall.Credential
 }
 
 // initStatus is the init's one report through fd 4: the command started,
@@ -56,13 +68,13 @@ type initStatus struct {
 // in release, after the session, and the kernel closes it if the agent
 // dies; either way the init reads EOF and takes the sandbox down with it,
 // so an agent that crashed leaves no sandbox running unattended.
-func sandboxLaunch(s Spec, cg *cgroup, scratch string, lifeline **os.File) func(*exec.Cmd) error {
+func sandboxLaunch(sc setupCtx, s Spec, cg *cgroup, scratch string, lifeline **os.File) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
 		attr := cmd.SysProcAttr
 		cfg := initConfig{
 			Argv: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, Rootfs: s.Rootfs, Hostname: s.Hostname,
 			NoNet: s.Network == NetworkNone, TTY: attr.Setctty, Limits: s.Limits, Cred: attr.Credential,
-			Privileged: s.Privileged, Scratch: scratch,
+			Privileged: s.Privileged, Scratch: scratch, OverlaySize: s.overlaySize(),
 		}
 		if cfg.Hostname == "" {
 			cfg.Hostname = DefaultHostname
@@ -105,13 +117,15 @@ func sandboxLaunch(s Spec, cg *cgroup, scratch string, lifeline **os.File) func(
 		}
 		// Into the cgroup before the init reads its config, so the command
 		// and all it forks are counted.
-		if err := cg.add(cmd.Process.Pid); err != nil {
-			return abortInit(cmd, err)
+		if cg != nil {
+			if err := cg.add(cmd.Process.Pid); err != nil {
+				return abortInit(cmd, err)
+			}
 		}
 		if err := json.NewEncoder(cfgW).Encode(cfg); err != nil {
 			return abortInit(cmd, fmt.Errorf("configure sandbox init: %w", err))
 		}
-		st, err := readStatus(statR)
+		st, err := readStatus(sc, statR, "sandbox init")
 		if err != nil {
 			return abortInit(cmd, err)
 		}
@@ -124,17 +138,32 @@ func sandboxLaunch(s Spec, cg *cgroup, scratch string, lifeline **os.File) func(
 	}
 }
 
-func readStatus(r *os.File) (initStatus, error) {
+// readStatus reads the one report of an init or helper (what), bounded
+// by the setup timeout and ended early by ctx (a session deleted, the
+// daemon shutting down): an image can make setup hang (a FUSE root, a
+// lookup that never returns), and the slot must not stay taken.
+func readStatus(sc setupCtx, r *os.File, what string) (initStatus, error) {
+	ctx := sc.ctx
 	var st initStatus
-	_ = r.SetReadDeadline(time.Now().Add(initSetupTimeout)) // a pipe: not always pollable; best effort
+	deadline := time.Now().Add(sc.timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = r.SetReadDeadline(deadline) // os.Pipe's ends are on the poller
+	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
+	defer stop()
 	// One JSON object: not up to EOF, which a stray copy of the pipe
 	// could hold off.
 	err := json.NewDecoder(io.LimitReader(r, 64<<10)).Decode(&st)
 	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() != nil:
+		return st, fmt.Errorf("%s: setup cancelled: %w", what, context.Cause(ctx))
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return st, fmt.Errorf("%s: setup took longer than its timeout: the image or container held it up", what)
 	case errors.Is(err, io.EOF):
-		return st, errors.New("sandbox init: exited without a report")
+		return st, fmt.Errorf("%s: exited without a report", what)
 	case err != nil:
-		return st, fmt.Errorf("sandbox init: report: %w", err)
+		return st, fmt.Errorf("%s: report: %w", what, err)
 	}
 	return st, nil
 }

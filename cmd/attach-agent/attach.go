@@ -31,6 +31,8 @@ type sessionFlags struct {
 	pump                                   ptyio.Config
 	user                                   string
 	ctr                                    container.Spec
+	pids                                   int64
+	setup                                  time.Duration
 }
 
 func (f *sessionFlags) register(fs *flagSet) {
@@ -48,11 +50,13 @@ func (f *sessionFlags) register(fs *flagSet) {
 	fs.StringVar(&f.ctr.Rootfs, "rootfs", "", "run in a new sandbox rooted at `DIR` (new PID, mount, UTS and IPC namespaces, own /proc and /dev)")
 	fs.StringVar(&f.ctr.Hostname, "hostname", "", "with --rootfs: the sandbox's hostname (default \""+container.DefaultHostname+"\")")
 	fs.StringVar(&f.ctr.Network, "network", "", "with --rootfs: \"host\" (default) or \"none\" (own network namespace, loopback only)")
-	fs.Int64Var(&f.ctr.Limits.Pids, "limit-pids", 0, "with --rootfs: at most `N` tasks in the sandbox (cgroup pids); 0: no limit")
-	fs.Int64Var(&f.ctr.Limits.Memory, "limit-memory", 0, "with --rootfs: memory limit in `BYTES` (cgroup memory); 0: no limit")
+	fs.Int64Var(&f.pids, "limit-pids", container.DefaultPids, "at most `N` tasks in the session or sandbox (cgroup pids; a joined command is held by its container's); 0: no limit")
+	fs.Int64Var(&f.ctr.Limits.Memory, "limit-memory", 0, "memory limit of the session or sandbox in `BYTES` (cgroup memory); 0: no limit")
+	fs.Int64Var(&f.ctr.OverlaySize, "overlay-size", 0, "with --overlay: the writable layer's size in `BYTES` (default: --limit-memory if set, else 1 GiB)")
+	fs.DurationVar(&f.setup, "setup-timeout", container.DefaultSetupTimeout, "bound on setting up the command (user lookup, sandbox or join) once paired; past it the session fails (125)")
 	fs.Uint64Var(&f.ctr.Limits.NoFile, "limit-nofile", 0, "with --rootfs: open files per process (RLIMIT_NOFILE); 0: the agent's")
 	fs.BoolVar(&f.ctr.Overlay, "overlay", false, "with --rootfs: leave DIR untouched; the sandbox writes to a layer in memory, gone after")
-	fs.BoolVar(&f.ctr.Privileged, "privileged", false, "with --rootfs: a root command keeps every capability (default: a container runtime's set, no mount or hostname changes)")
+	fs.BoolVar(&f.ctr.Privileged, "privileged", false, "with --rootfs: no hardening (every capability, no seccomp, no device allowlist, /proc unmasked); default: held as a container runtime's defaults hold a container")
 	fs.Uint64Var(&f.ctr.Limits.NProc, "limit-nproc", 0, "with --rootfs: processes per user (RLIMIT_NPROC); 0: the agent's")
 	fs.DurationVar(&f.pump.IdleTimeout, "idle-timeout", ptyio.DefaultIdleTimeout, "end the session when nothing moved (and nothing is queued) this long; negative: never")
 	fs.DurationVar(&f.pump.StallTimeout, "stall-timeout", ptyio.DefaultStallTimeout, "end the session when output cannot be written this long")
@@ -73,11 +77,17 @@ func (f *sessionFlags) spec(argv []string) (ptyio.Spec, ptyio.Config, error) {
 	if len(argv) == 0 {
 		return sp, f.pump, usagef("missing COMMAND after --")
 	}
+	switch {
+	case f.ctr.PID == 0:
+		f.ctr.Limits.Pids = f.pids
+	case f.pids != container.DefaultPids && f.pids != 0:
+		return sp, f.pump, usagef("--limit-pids with --container-pid: a joined command is held by its container's own limits")
+	}
 	if err := f.ctr.Validate(); err != nil {
 		return sp, f.pump, usagef("%s (see --container-pid, --rootfs)", err)
 	}
 	if f.user != "" {
-		if err := ptyio.CheckUserSpec(f.user); err != nil {
+		if err := container.CheckUserSpec(f.user); err != nil {
 			return sp, f.pump, usagef("--user %v", err)
 		}
 	}
@@ -168,7 +178,7 @@ func runAttach(ctx context.Context, args []string, io stdio) (int, error) {
 	}
 	log := slog.New(slog.NewTextHandler(io.err, nil))
 	res := agent.Run(ctx, agent.Spec{URL: u, Dial: dcfg, Process: pspec, Pump: pcfg, ExitStatusMarker: sf.marker,
-		User: sf.user, Container: sf.ctr}, log)
+		User: sf.user, Container: sf.ctr, SetupTimeout: sf.setup}, log)
 	return attachExit(res, io)
 }
 
@@ -247,7 +257,7 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 	done := make(chan agent.Result, 1)
 	go func() {
 		done <- agent.Run(sessCtx, agent.Spec{URL: u, Dial: dial, Process: pspec, Pump: pcfg, ExitStatusMarker: true,
-			User: sf.user, Container: sf.ctr}, log)
+			User: sf.user, Container: sf.ctr, SetupTimeout: sf.setup}, log)
 	}()
 
 	restore := rawTerminal(io)

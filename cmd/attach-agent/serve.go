@@ -44,6 +44,10 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	fs.StringVar(&metricsAddr, "metrics-listen", "127.0.0.1:9464", "`address` for /metrics (Prometheus); empty: off")
 	fs.StringVar(&logFormat, "log-format", "auto", "journald, text, json, or auto (journald when stderr is the journal)")
 	fs.IntVar(&maxSessions, "max-sessions", 1000, "sessions running at once; more get 429")
+	var defaultPids int64
+	var setup time.Duration
+	fs.Int64Var(&defaultPids, "limit-pids", container.DefaultPids, "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none")
+	fs.DurationVar(&setup, "setup-timeout", container.DefaultSetupTimeout, "bound on a session's setup once paired (user lookup, sandbox, join); past it spawn_failed")
 	fs.DurationVar(&grace, "shutdown-grace", 10*time.Minute, "on SIGTERM, how long running sessions may finish before they are ended (a second signal ends them at once)")
 	fs.DurationVar(&pump.IdleTimeout, "idle-timeout", ptyio.DefaultIdleTimeout, "default idle timeout of a session")
 	fs.DurationVar(&pump.StallTimeout, "stall-timeout", ptyio.DefaultStallTimeout, "a session ends when its output cannot be written this long")
@@ -95,7 +99,7 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	notify := func(state string) { _, _ = daemon.SdNotify(false, state) } // best effort: no systemd, no-op
 	mgr := agent.NewManager(agent.ManagerConfig{
 		Dial: dcfg, Pump: pump, MaxSessions: maxSessions, MaxPairTimeout: maxPair, MaxIdleTimeout: maxIdle,
-		MaxMaxDuration: maxDur, KeepEnded: keep, Logger: log, Metrics: metrics,
+		MaxMaxDuration: maxDur, KeepEnded: keep, Logger: log, Metrics: metrics, DefaultPids: defaultPids, SetupTimeout: setup,
 		OnSessionChange: func(n int) { notify(fmt.Sprintf("STATUS=%d active sessions", n)) },
 	})
 

@@ -1,12 +1,15 @@
 // Package testroot finds what tests need to build a container's root
 // filesystem: a statically linked busybox, the one program such a root
-// needs. Where it is missing, tests skip, except under CI (CI set), where
-// .ci/run installs it and a skip would hide the tests.
+// needs, and the probe of system calls a hostile tenant would try. Where
+// busybox is missing, tests skip, except under CI (CI set), where .ci/run
+// installs it and a skip would hide the tests.
 package testroot
 
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -29,4 +32,17 @@ func Busybox(t testing.TB) string {
 		missing(bb + " is not statically linked")
 	}
 	return bb
+}
+
+// Probe builds the probe command (statically, so it runs in any root) and
+// returns its path.
+func Probe(t testing.TB) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "probe")
+	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", out, "github.com/attach-agent/attach-agent/internal/testroot/probe")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build the probe: %v: %s", err, b)
+	}
+	return out
 }

@@ -1,11 +1,13 @@
-package ptyio
+package container
 
 import (
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func TestLookupUser(t *testing.T) {
@@ -68,4 +70,68 @@ func TestIdentityEnv(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got %q, want %q", got, want)
 	}
+}
+
+// A tenant's image decides what its /etc/passwd is: every lookup stays
+// inside its root and reads only a regular file, at once.
+func TestLookupUserHostileRoot(t *testing.T) {
+	mk := func(t *testing.T) string {
+		root := t.TempDir()
+		if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return root
+	}
+	t.Run("absolute symlink resolves inside", func(t *testing.T) {
+		root := mk(t)
+		// On the host /srv/passwd is not this file; inside the root it is.
+		if err := os.MkdirAll(filepath.Join(root, "srv"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, "srv/passwd"), []byte("tenant:x:4242:4242::/:/bin/sh\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("/srv/passwd", filepath.Join(root, "etc/passwd")); err != nil {
+			t.Fatal(err)
+		}
+		id, err := LookupUser("tenant:4242", root)
+		if err != nil || id.UID != 4242 {
+			t.Fatalf("got %+v, %v: want the root's own file through its link", id, err)
+		}
+		// A link to the host's passwd names a file the root does not have.
+		if err := os.Remove(filepath.Join(root, "etc/passwd")); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("/../../../../etc/passwd", filepath.Join(root, "etc/passwd")); err != nil {
+			t.Fatal(err)
+		}
+		if id, err := LookupUser("root", root); err == nil {
+			t.Fatalf("found %+v through a link out of the root", id)
+		}
+	})
+	t.Run("fifo fails at once", func(t *testing.T) {
+		root := mk(t)
+		if err := syscall.Mkfifo(filepath.Join(root, "etc/passwd"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { _, err := LookupUser("app", root); done <- err }()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+				t.Errorf("err %v: want 'not a regular file'", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("the lookup blocked on a FIFO")
+		}
+	})
+	t.Run("endless file is refused", func(t *testing.T) {
+		root := mk(t)
+		if err := os.WriteFile(filepath.Join(root, "etc/passwd"), make([]byte, maxRootFile+1), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LookupUser("app", root); err == nil || !strings.Contains(err.Error(), "larger than") {
+			t.Errorf("err %v: want a size bound", err)
+		}
+	})
 }

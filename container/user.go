@@ -1,10 +1,8 @@
-package ptyio
+package container
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -38,8 +36,13 @@ func LookupUser(spec, root string) (Identity, error) {
 		return id, fmt.Errorf("user %w", err)
 	}
 	userPart, groupPart, hasGroup := strings.Cut(spec, ":")
-	passwd, perr := readColonFile(filepath.Join(root, "etc/passwd"), 7)
-	groups, gerr := readColonFile(filepath.Join(root, "etc/group"), 4)
+	r, err := openRoot(root)
+	if err != nil {
+		return id, fmt.Errorf("user %q: %w", spec, err)
+	}
+	defer r.close()
+	passwd, perr := readColonFile(r, "etc/passwd", 7)
+	groups, gerr := readColonFile(r, "etc/group", 4)
 
 	var pw []string
 	for _, e := range passwd {
@@ -162,18 +165,17 @@ func parseID(s string) (uint32, error) {
 	return uint32(n), nil
 }
 
-// readColonFile reads an /etc/passwd-style file: entries of at least n
-// colon-separated fields; comments, blanks and short lines are skipped.
-func readColonFile(path string, n int) ([][]string, error) {
-	f, err := os.Open(path)
+// readColonFile reads an /etc/passwd-style file inside r: entries of at
+// least n colon-separated fields; comments, blanks and short lines are
+// skipped.
+func readColonFile(r *root, rel string, n int) ([][]string, error) {
+	b, err := r.readFile(rel)
 	if err != nil {
 		return nil, err
 	}
-	defer func() { _ = f.Close() }()
 	var out [][]string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
+	for _, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
 		if line == "" || line[0] == '#' {
 			continue
 		}
@@ -182,5 +184,14 @@ func readColonFile(path string, n int) ([][]string, error) {
 			out = append(out, fields)
 		}
 	}
-	return out, sc.Err()
+	return out, nil
+}
+
+func hasKey(env []string, key string) bool {
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); k == key {
+			return true
+		}
+	}
+	return false
 }
