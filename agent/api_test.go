@@ -185,7 +185,7 @@ func TestAPIBadRequests(t *testing.T) {
 		{`{` + url + `, "command": "true", "container": {"pid": 1, "rootfs": "/srv/x"}}`, 400, "container: give pid"},
 		{`{` + url + `, "command": "true", "container": {"rootfs": "rel"}}`, 400, "container: rootfs \"rel\": want an absolute path"},
 		{`{` + url + `, "command": "true", "container": {"rootfs": "/srv/x", "network": "bridge"}}`, 400, `container: network "bridge"`},
-		{`{` + url + `, "command": "true", "container": {"pid": 9, "hostname": "h"}}`, 400, "container: hostname, network, limits, overlay and privileged are for a sandbox"},
+		{`{` + url + `, "command": "true", "container": {"pid": 9, "hostname": "h"}}`, 400, "container: hostname, network, limits.nofile, limits.nproc, overlay and privileged are for a sandbox"},
 		{`{` + url + `, "command": "true", "container": {"pid": "9"}}`, 400, "container: want {\"pid\": N}"},
 		{`{` + url + `, "command": "true", "container": {"rootfs": "/srv/x", "limits": {"cpus": 2}}}`, 400, `unknown field "cpus"`},
 		{`{` + url + `, "command": "true"}{}`, 400, "more than one object"},

@@ -1209,3 +1209,73 @@ func sleepers(arg string) []int {
 	}
 	return out
 }
+
+// A container whose process runs under a seccomp filter: the joined
+// command gets the default filter (the target's own cannot be read back)
+// and no_new_privs. The container has a v2 cgroup of its own, so the
+// command is born there through clone3, which the filter would refuse on
+// the forking thread: the join helper installs it instead.
+func TestJoinUnderSeccomp(t *testing.T) {
+	needRoot(t)
+	probe := testroot.Probe(t)
+	pid := startContainerAs(t, "filtered-1", false, []string{probe, "seccomp-exec"})
+	if v2 := v2Group(t, pid); v2 == "" {
+		t.Log("no writable cgroup v2 here: the in-process path is tested instead of the helper")
+	}
+	hh := newHarness(t, nil)
+	for _, user := range []string{"", "nobody"} {
+		out, r := runSession(t, hh, agent.Spec{
+			Container: container.Spec{PID: pid}, User: user,
+			Process: ptyio.Spec{Argv: sh(`grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; id -u; cat /proc/self/cgroup; ` + probe + ` keyctl userns mount`), TTY: true},
+		})
+		if r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+			t.Fatalf("user %q: result %v, output %q", user, r, out)
+		}
+		wantUID := map[string]string{"": "0", "nobody": "65534"}[user]
+		for _, want := range []string{"Seccomp:\t2\n", "NoNewPrivs:\t1\n", "\n" + wantUID + "\n",
+			"keyctl: operation not permitted", "userns: operation not permitted", "mount: operation not permitted"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("user %q: want %q in\n%s", user, want, out)
+			}
+		}
+		if g := v2Group(t, 0); g != "" && !strings.Contains(out, "0::"+g+"\n") {
+			t.Errorf("user %q: want the container's v2 group %s in\n%s", user, g, out)
+		}
+	}
+}
+
+// v2Group puts pid in a v2 group of its own, the first time (pid != 0),
+// and returns its path as /proc/PID/cgroup names it; "" without a
+// writable unified hierarchy.
+var v2Groups = map[*testing.T]string{}
+
+func v2Group(t *testing.T, pid int) string {
+	if pid == 0 {
+		return v2Groups[t]
+	}
+	base := "/sys/fs/cgroup/unified"
+	if _, err := os.Stat(filepath.Join(base, "cgroup.procs")); err != nil {
+		base = "/sys/fs/cgroup"
+		if _, err := os.Stat(filepath.Join(base, "cgroup.subtree_control")); err != nil {
+			return ""
+		}
+	}
+	name := fmt.Sprintf("attach-agent-test-v2-%d", pid)
+	dir := filepath.Join(base, name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return ""
+	}
+	t.Cleanup(func() {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		waitGone(t, pid)
+		deadline := time.Now().Add(10 * time.Second)
+		for os.Remove(dir) != nil && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond) // until the kernel lets go of its processes
+		}
+	})
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+		t.Fatal(err)
+	}
+	v2Groups[t] = "/" + name
+	return v2Groups[t]
+}

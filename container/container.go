@@ -89,6 +89,16 @@ type Limits struct {
 // a parallel build, not for a fork bomb to take the host's pid space.
 const DefaultPids = 4096
 
+// DefaultPidsLimit is DefaultPids for an agent running as root, and 0 (no
+// limit) for one that is not: it cannot make cgroups, and a limit that
+// cannot be applied fails the session.
+func DefaultPidsLimit() int64 {
+	if os.Geteuid() != 0 {
+		return 0
+	}
+	return DefaultPids
+}
+
 // IsZero reports whether the command runs on the host (limits aside).
 func (s Spec) IsZero() bool { return s.PID == 0 && s.Rootfs == "" }
 
@@ -223,6 +233,10 @@ func Apply(ctx context.Context, s Spec, user string, p *ptyio.Spec, setup time.D
 		return func() error { return nil }, err
 	}
 	if s.Rootfs != "" {
+		if os.Geteuid() != 0 {
+			// Said before its cgroups would fail less clearly.
+			return fail(errors.New("container: a sandbox needs an agent running as root: new namespaces need root (CAP_SYS_ADMIN)"))
+		}
 		if err := checkRootfs(s.Rootfs); err != nil {
 			return fail(err)
 		}

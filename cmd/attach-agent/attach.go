@@ -50,8 +50,8 @@ func (f *sessionFlags) register(fs *flagSet) {
 	fs.StringVar(&f.ctr.Rootfs, "rootfs", "", "run in a new sandbox rooted at `DIR` (new PID, mount, UTS and IPC namespaces, own /proc and /dev)")
 	fs.StringVar(&f.ctr.Hostname, "hostname", "", "with --rootfs: the sandbox's hostname (default \""+container.DefaultHostname+"\")")
 	fs.StringVar(&f.ctr.Network, "network", "", "with --rootfs: \"host\" (default) or \"none\" (own network namespace, loopback only)")
-	fs.Int64Var(&f.pids, "limit-pids", container.DefaultPids, "at most `N` tasks in the session or sandbox (cgroup pids; a joined command is held by its container's); 0: no limit")
-	fs.Int64Var(&f.ctr.Limits.Memory, "limit-memory", 0, "memory limit of the session or sandbox in `BYTES` (cgroup memory); 0: no limit")
+	fs.Int64Var(&f.pids, "limit-pids", container.DefaultPidsLimit(), "at most `N` tasks in the session or sandbox (cgroup pids; a joined command is held by its container's); 0: no limit (default 4096 as root, 0 otherwise)")
+	fs.Int64Var(&f.ctr.Limits.Memory, "limit-memory", 0, "memory limit of the session or sandbox in `BYTES` (cgroup memory); 0: no limit (default 4096 as root, 0 otherwise)")
 	fs.Int64Var(&f.ctr.OverlaySize, "overlay-size", 0, "with --overlay: the writable layer's size in `BYTES` (default: --limit-memory if set, else 1 GiB)")
 	fs.DurationVar(&f.setup, "setup-timeout", container.DefaultSetupTimeout, "bound on setting up the command (user lookup, sandbox or join) once paired; past it the session fails (125)")
 	fs.Uint64Var(&f.ctr.Limits.NoFile, "limit-nofile", 0, "with --rootfs: open files per process (RLIMIT_NOFILE); 0: the agent's")
@@ -80,7 +80,7 @@ func (f *sessionFlags) spec(argv []string) (ptyio.Spec, ptyio.Config, error) {
 	switch {
 	case f.ctr.PID == 0:
 		f.ctr.Limits.Pids = f.pids
-	case f.pids != container.DefaultPids && f.pids != 0:
+	case f.pids != container.DefaultPidsLimit() && f.pids != 0:
 		return sp, f.pump, usagef("--limit-pids with --container-pid: a joined command is held by its container's own limits")
 	}
 	if err := f.ctr.Validate(); err != nil {

@@ -110,7 +110,7 @@ func TestBadInput(t *testing.T) {
 		{[]string{"attach", "--container-pid", "1", "--rootfs", "/srv/r", url, "--", "true"}, "give pid (join a running container) or rootfs"},
 		{[]string{"attach", "--rootfs", "relative", url, "--", "true"}, `rootfs "relative": want an absolute path`},
 		{[]string{"attach", "--rootfs", "/srv/r", "--network", "bridge", url, "--", "true"}, `network "bridge": want "host" or "none"`},
-		{[]string{"attach", "--hostname", "h", url, "--", "true"}, "hostname, network, limits, overlay and privileged are for a sandbox: give rootfs too"},
+		{[]string{"attach", "--hostname", "h", url, "--", "true"}, "hostname, network, limits.nofile, limits.nproc, overlay and privileged are for a sandbox: give rootfs too"},
 		{[]string{"attach", "--rootfs", "/srv/r", "--limit-pids", "-1", url, "--", "true"}, "must not be negative"},
 		{[]string{"connect"}, "want exactly one ATTACH_URL"},
 		{[]string{"connect", "rendezvous://h:99999/s"}, `bad port "99999"`},

@@ -46,7 +46,7 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	fs.IntVar(&maxSessions, "max-sessions", 1000, "sessions running at once; more get 429")
 	var defaultPids int64
 	var setup time.Duration
-	fs.Int64Var(&defaultPids, "limit-pids", container.DefaultPids, "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none")
+	fs.Int64Var(&defaultPids, "limit-pids", container.DefaultPidsLimit(), "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none (default 4096 as root, 0 otherwise)")
 	fs.DurationVar(&setup, "setup-timeout", container.DefaultSetupTimeout, "bound on a session's setup once paired (user lookup, sandbox, join); past it spawn_failed")
 	fs.DurationVar(&grace, "shutdown-grace", 10*time.Minute, "on SIGTERM, how long running sessions may finish before they are ended (a second signal ends them at once)")
 	fs.DurationVar(&pump.IdleTimeout, "idle-timeout", ptyio.DefaultIdleTimeout, "default idle timeout of a session")

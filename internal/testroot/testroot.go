@@ -38,7 +38,14 @@ func Busybox(t testing.TB) string {
 // returns its path.
 func Probe(t testing.TB) string {
 	t.Helper()
-	out := filepath.Join(t.TempDir(), "probe")
+	dir := t.TempDir()
+	// Any user a test runs as must reach it.
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := filepath.Join(dir, "probe")
 	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", out, "github.com/attach-agent/attach-agent/internal/testroot/probe")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -1,12 +1,14 @@
 // Command probe tries, from inside a sandbox or container under test, the
 // system calls a hostile tenant would, and prints one line each:
-// "NAME: ok" or "NAME: ERRNO". busybox has no applet for them. Tests
+// "NAME: ok" or "NAME: ERRNO". "probe seccomp-exec CMD..." runs CMD under
+// a seccomp filter instead. busybox has no applet for them. Tests
 // build it static (testroot.Probe) into the root they make.
 package main
 
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
 	"unsafe"
 
@@ -14,6 +16,9 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 2 && os.Args[1] == "seccomp-exec" {
+		seccompExec(os.Args[2:])
+	}
 	for _, name := range os.Args[1:] {
 		var err error
 		switch name {
@@ -53,4 +58,26 @@ func errno(e unix.Errno) error {
 		return nil
 	}
 	return e
+}
+
+// seccompExec runs argv under a seccomp filter that allows everything
+// (and so with no_new_privs): a stand-in for a container's process under
+// its runtime's profile.
+func seccompExec(argv []string) {
+	allow := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW}}
+	prog := unix.SockFprog{Len: 1, Filter: &allow[0]}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		fmt.Fprintln(os.Stderr, "probe: no_new_privs:", err)
+		os.Exit(125)
+	}
+	if err := unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&prog)), 0, 0); err != nil {
+		fmt.Fprintln(os.Stderr, "probe: seccomp:", err)
+		os.Exit(125)
+	}
+	path, err := exec.LookPath(argv[0])
+	if err == nil {
+		err = unix.Exec(path, argv, os.Environ())
+	}
+	fmt.Fprintln(os.Stderr, "probe:", err)
+	os.Exit(127)
 }
