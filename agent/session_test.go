@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/internal/netnstest"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -504,5 +505,124 @@ func TestTwoHundredConcurrentSessions(t *testing.T) {
 		if err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// Invariant 1 over a slow link: what the command wrote before it exited
+// all reaches a client that reads slowly, however long past the drain
+// timeout that takes, then the marker. (Through 16 KiB TCP buffers a client
+// reading 16 KiB/s once got 335,874 of 400,000 bytes and the marker.)
+func TestSlowClientGetsTheTail(t *testing.T) {
+	if !netnstest.SmallBuffers(t, 16<<10) {
+		return
+	}
+	h := newHarness(t, nil)
+	data := randomBytes(256 << 10)
+	file := filepath.Join(t.TempDir(), "out")
+	if err := os.WriteFile(file, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		tty  bool
+	}{{"pipes", false}, {"raw pty", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			u, res := h.session(t, agent.Spec{
+				Process:          ptyio.Spec{Argv: sh("cat " + file + "; exit 3"), TTY: tc.tty, Raw: tc.tty},
+				Pump:             ptyio.Config{DrainTimeout: 200 * time.Millisecond},
+				ExitStatusMarker: true,
+			})
+			c := h.client(t, u)
+			// 64 KiB/s: four seconds for what the buffers cannot hold,
+			// twenty times the drain timeout.
+			var got []byte
+			buf := make([]byte, 4<<10)
+			for {
+				n, err := c.Read(buf)
+				got = append(got, buf[:n]...)
+				if err != nil {
+					break
+				}
+				time.Sleep(time.Second / 16) // the slow reader, not a synchronisation
+			}
+			_ = c.Close()
+			out, status, found := stripMarker(got)
+			if !found || status != 3 || len(out) != len(data) || sum(out) != sum(data) {
+				t.Fatalf("got %d of %d bytes (equal %v), status %d found %v", len(out), len(data), sum(out) == sum(data), status, found)
+			}
+			if r := wait(t, res, 60*time.Second); r.Reason != ptyio.ReasonExited || r.ExitCode != 3 {
+				t.Fatalf("result %v", r)
+			}
+		})
+	}
+}
+
+// The drain timeout still bounds output that appears after the exit: a
+// background child writing forever does not hold the session.
+func TestDrainTimeoutBoundsOutputAfterExit(t *testing.T) {
+	h := newHarness(t, nil)
+	u, res := h.session(t, agent.Spec{
+		Process: ptyio.Spec{Argv: sh(`(while :; do echo bg; sleep 0.02; done) & echo done; exit 0`)},
+		Pump:    ptyio.Config{DrainTimeout: 300 * time.Millisecond, KillGrace: 300 * time.Millisecond},
+	})
+	c := h.client(t, u)
+	got, _ := io.ReadAll(c)
+	_ = c.Close()
+	r := wait(t, res, 30*time.Second)
+	if r.Reason != ptyio.ReasonExited || !strings.Contains(string(got), "done\n") {
+		t.Fatalf("result %v, output %q", r, got)
+	}
+	if r.Timings.Total > 10*time.Second {
+		t.Errorf("a background writer held the session for %v (drain timeout 300ms)", r.Timings.Total)
+	}
+}
+
+// On the Heroku wire a client's close is its Ctrl-C: the session ends as
+// client_gone through the hang-up path, the command's last output still
+// reaches the client; a binary session's half-close stays end of input.
+func TestClientCloseIsAHangUp(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, tc := range []struct {
+		name string
+		proc ptyio.Spec
+		pump ptyio.Config
+	}{
+		{"pty", ptyio.Spec{Argv: sh(`trap 'echo hung up; exit 1' HUP; echo started; sleep 30 & wait`), TTY: true}, ptyio.Config{}},
+		{"pipes", ptyio.Spec{Argv: sh(`trap 'echo hung up; exit 1' HUP; echo started; sleep 30 & wait`)}, ptyio.Config{EOFByte: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.pump.KillGrace = 2 * time.Second
+			u, res := h.session(t, agent.Spec{Process: tc.proc, Pump: tc.pump})
+			c := h.client(t, u)
+			if got := readUntil(t, c, "started"); !strings.Contains(got, "started") {
+				t.Fatalf("read %q", got)
+			}
+			// What the Heroku CLI does on Ctrl-C: close_notify and FIN.
+			if err := c.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			rest, _ := io.ReadAll(c)
+			_ = c.Close()
+			r := wait(t, res, 20*time.Second)
+			if r.Reason != ptyio.ReasonClientGone || r.ExitCode != 1 {
+				t.Fatalf("result %v: want client_gone, the command's trap's exit 1", r)
+			}
+			if !strings.Contains(string(rest), "hung up") {
+				t.Errorf("the output after the hang-up did not reach the client: %q", rest)
+			}
+			if r.Timings.Total > 15*time.Second {
+				t.Errorf("the session ran %v after the client's close (sleep 30)", r.Timings.Total)
+			}
+		})
+	}
+	// Binary pipes: the half-close is the end of input, cat ends, exit 0.
+	u, res := h.session(t, agent.Spec{Process: ptyio.Spec{Argv: []string{"cat"}}})
+	c := h.client(t, u)
+	got, err := echo(c, []byte("all of it\x04\xff"))
+	if err != nil || string(got) != "all of it\x04\xff" {
+		t.Fatalf("echo %q, %v", got, err)
+	}
+	if r := wait(t, res, 20*time.Second); r.Reason != ptyio.ReasonExited || r.ExitCode != 0 {
+		t.Fatalf("binary session: %v", r)
 	}
 }

@@ -140,7 +140,23 @@ type session struct {
 	empty      atomic.Int64
 	exited     atomic.Bool  // set before the drain deadline is first armed
 	exitedAt   atomic.Int64 // ns since start
+	// owed is what the process had written, and not yet been read, when it
+	// exited, less what has been read since: it goes out however long the
+	// client takes (only the stall bound per write ends it); the drain
+	// timeout bounds only what comes after it.
+	owed atomic.Int64
 }
+
+// ttyBufferSlack is what a pty may hold beyond what TIOCINQ counts: the
+// line discipline's read buffer is counted, the tty layer's buffer (64
+// KiB, TTYB_DEFAULT_MEM_LIMIT) is not. Counted as owed at the exit: an
+// over-count only lets a background child's output past the drain
+// timeout by this much, and a quiet pty still ends the drain at once.
+const ttyBufferSlack = 64 << 10
+
+// errHangUp is the client ending its stream on a wire where that means it
+// is gone (see halfCloseIsEOF).
+var errHangUp = errors.New("the client closed its stream (hang-up)")
 
 func (s *session) touch() { s.lastActive.Store(int64(time.Since(s.start))) }
 
@@ -183,7 +199,9 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			return
 		}
 		reason, detail = r, err
-		if r == ReasonClientGone || r == ReasonStalled {
+		// A hang-up leaves the stream up: the command's output while it
+		// ends still reaches the client, which waits for our close.
+		if (r == ReasonClientGone || r == ReasonStalled) && !errors.Is(err, errHangUp) {
 			streamDead = true
 			_ = st.Close() // unblocks both directions at once
 		}
@@ -202,6 +220,11 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		select {
 		case <-procDone:
 			procDone = nil
+			owed := int64(queued(p.master, unix.TIOCINQ)) // FIONREAD for a pipe
+			if p.tty {
+				owed += ttyBufferSlack
+			}
+			s.owed.Store(owed)
 			s.exitedAt.Store(int64(time.Since(s.start)))
 			s.exited.Store(true)
 			// Bound the drain: a background child can hold the pty open.
@@ -379,6 +402,7 @@ func (s *session) output() error {
 			empty = 0
 			s.touch()
 			if s.exited.Load() {
+				s.owed.Add(-int64(n))
 				s.extendDrain()
 			}
 			// The stall bound is per write: a write that makes no
@@ -405,24 +429,34 @@ func (s *session) output() error {
 			return nil
 		case isTimeout(err) && s.exited.Load():
 			// Output still queued (we were slow to come back from a write)
-			// is the exited process's and must go out, within the bound.
+			// goes out: all that was owed at the exit, and what came after
+			// within the drain bound.
 			if queued(s.p.master, unix.TIOCINQ) > 0 && s.extendDrain() {
 				continue
 			}
-			return nil // quiet, or the drain bound is reached
+			return nil // quiet, or the drain bound is reached with nothing owed
 		default:
 			return fmt.Errorf("pty -> stream: read: %w", err)
 		}
 	}
 }
 
-// extendDrain moves the drain deadline to DrainQuiet from now, but never
-// past DrainTimeout after the exit; it reports false once that is past.
+// extendDrain moves the drain deadline to DrainQuiet from now; past
+// DrainTimeout after the exit only while output written before the exit
+// is still owed. It reports false once the drain is over.
 func (s *session) extendDrain() bool {
-	limit := s.start.Add(time.Duration(s.exitedAt.Load()) + s.cfg.DrainTimeout)
 	now := time.Now()
-	_ = s.p.master.SetReadDeadline(earliest(now.Add(s.cfg.DrainQuiet), limit))
-	return now.Before(limit)
+	next := now.Add(s.cfg.DrainQuiet)
+	if s.owed.Load() <= 0 {
+		limit := s.start.Add(time.Duration(s.exitedAt.Load()) + s.cfg.DrainTimeout)
+		if !now.Before(limit) {
+			_ = s.p.master.SetReadDeadline(limit)
+			return false
+		}
+		next = earliest(next, limit)
+	}
+	_ = s.p.master.SetReadDeadline(next)
+	return true
 }
 
 func earliest(a, b time.Time) time.Time {
@@ -482,6 +516,10 @@ func (s *session) input() error {
 				return errors.New("stream -> pty: no progress: repeated empty reads")
 			}
 		case err == nil:
+		case errors.Is(err, io.EOF) && !s.halfCloseIsEOF():
+			// What it sent before is the process's already; its end is
+			// a hang-up (the Heroku CLI's Ctrl-C), not end of input.
+			return errHangUp
 		case errors.Is(err, io.EOF):
 			closeInput()
 			return nil
@@ -491,6 +529,18 @@ func (s *session) input() error {
 			return fmt.Errorf("stream -> pty: %w", err)
 		}
 	}
+}
+
+// halfCloseIsEOF: a session with no in-band end of input (binary pipes,
+// a raw pty) takes the client's half-close as its end of input, since both
+// ends agreed to that mode. Everywhere else the client's end of stream
+// means the client is gone: the Heroku CLI ends input in band (0x04) and
+// closes only when its user gives up (PROTOCOL.md).
+func (s *session) halfCloseIsEOF() bool {
+	if s.p.tty {
+		return s.p.raw
+	}
+	return !s.cfg.EOFByte
 }
 
 func isClosed(err error) bool { return errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) }

@@ -19,10 +19,12 @@ const EOFByte = 0x04
 type Client struct {
 	URL  tlsdial.URL
 	Dial tlsdial.Config
-	// EOFByte, when set, sends 0x04 at the end of Stdin instead of
-	// half-closing, as the Heroku CLI does.
+	// EOFByte, when set, sends 0x04 at the end of Stdin and keeps the
+	// stream open for the output, as the Heroku CLI does (an agent takes
+	// its close as a hang-up); unset, it half-closes, which a session with
+	// no in-band end of input (binary pipes, a raw pty) takes as EOF.
 	EOFByte bool
-	Stdin   io.Reader // nil: send nothing, half-close at once
+	Stdin   io.Reader // nil: nothing to send (as an empty one)
 	Stdout  io.Writer // nil: discard
 }
 
@@ -60,10 +62,10 @@ func (c *Client) Run(ctx context.Context) (Result, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sent, sendErr = c.send(conn)
+			sent, sendErr = c.send(conn, c.Stdin)
 		}()
 	} else {
-		_ = conn.CloseWrite() // best effort: nothing to send
+		_, _ = c.send(conn, eofReader{}) // best effort: nothing to send but its end
 	}
 
 	out := c.Stdout
@@ -106,8 +108,12 @@ func blocksForever(r io.Reader) bool {
 	return ok
 }
 
-func (c *Client) send(conn *tlsdial.Conn) (int64, error) {
-	n, err := io.Copy(conn, c.Stdin)
+type eofReader struct{}
+
+func (eofReader) Read([]byte) (int, error) { return 0, io.EOF }
+
+func (c *Client) send(conn *tlsdial.Conn, in io.Reader) (int64, error) {
+	n, err := io.Copy(conn, in)
 	if err != nil {
 		return n, fmt.Errorf("stdin -> relay: %w", err)
 	}

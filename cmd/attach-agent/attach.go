@@ -145,28 +145,30 @@ func size(cols, lines int, env []string) (int, int, error) {
 }
 
 func runAttach(ctx context.Context, args []string, io stdio) (int, error) {
-	fs := newFlagSet("attach", "[flags] ATTACH_URL -- COMMAND [ARG...]",
-		"attach-agent attach --ca relay-ca.pem --exit-status-marker rendezvous://127.0.0.1:5000/SECRET -- bash -l", io.err)
+	fs := newFlagSet("attach", "[flags] -- COMMAND [ARG...]   (the URL in $ATTACH_URL or --url-file)",
+		"ATTACH_URL=rendezvous://127.0.0.1:5000/SECRET attach-agent attach --ca relay-ca.pem --exit-status-marker -- bash -l", io.err)
 	var d dialFlags
 	d.register(fs.FlagSet)
 	var sf sessionFlags
 	sf.register(fs)
+	var us urlSource
+	us.register(fs)
 	if err := parse(fs, args); err != nil {
 		return exitUsage, err
 	}
 	rest := fs.Args()
-	if len(rest) == 0 {
-		return exitUsage, usagef("missing ATTACH_URL")
+	// "attach URL -- COMMAND" still works (with a warning); "attach --
+	// COMMAND" has lost its "--" to the flag parser.
+	positional := len(rest) > 0 && strings.Contains(rest[0], "://") && (len(rest) == 1 || rest[1] == "--")
+	if len(rest) > 1 && strings.Contains(rest[0], "://") && !positional {
+		return exitUsage, usagef("put -- between ATTACH_URL and COMMAND (got %q); better, pass the URL in $%s", rest[1], urlEnv)
 	}
-	u, err := tlsdial.Parse(rest[0])
+	u, rest, err := us.resolve(rest, positional, io.in, io.err)
 	if err != nil {
-		return exitUsage, usageError{err.Error()}
+		return exitUsage, err
 	}
-	rest = rest[1:]
 	if len(rest) > 0 && rest[0] == "--" {
 		rest = rest[1:]
-	} else if len(rest) > 0 {
-		return exitUsage, usagef("put -- between ATTACH_URL and COMMAND (got %q)", rest[0])
 	}
 	pspec, pcfg, err := sf.spec(rest)
 	if err != nil {
@@ -261,7 +263,10 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 	}()
 
 	restore := rawTerminal(io)
-	cl := &rendezvous.Client{URL: u, Dial: dial, Stdin: io.in, Stdout: io.out}
+	// As connect does: 0x04 at the end of stdin, except for the modes that
+	// take a half-close as end of input.
+	halfClose := sf.raw || sf.noTTY && sf.keepEOFByte
+	cl := &rendezvous.Client{URL: u, Dial: dial, EOFByte: !halfClose, Stdin: io.in, Stdout: io.out}
 	cres, cerr := cl.Run(ctx)
 	restore()
 	if cerr != nil {

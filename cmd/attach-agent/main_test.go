@@ -112,7 +112,9 @@ func TestBadInput(t *testing.T) {
 		{[]string{"attach", "--rootfs", "/srv/r", "--network", "bridge", url, "--", "true"}, `network "bridge": want "host" or "none"`},
 		{[]string{"attach", "--hostname", "h", url, "--", "true"}, "hostname, network, limits.nofile, limits.nproc, overlay and privileged are for a sandbox: give rootfs too"},
 		{[]string{"attach", "--rootfs", "/srv/r", "--limit-pids", "-1", url, "--", "true"}, "must not be negative"},
-		{[]string{"connect"}, "want exactly one ATTACH_URL"},
+		{[]string{"connect"}, "missing ATTACH_URL: set ATTACH_URL, or give --url-file"},
+		{[]string{"connect", "--url-file", "-"}, "connect forwards stdin to the session"},
+		{[]string{"attach", "--url-file", "/no/such/file", "--", "true"}, "--url-file: open /no/such/file"},
 		{[]string{"connect", "rendezvous://h:99999/s"}, `bad port "99999"`},
 		{[]string{"rendezvous"}, "say how to serve"},
 		{[]string{"rendezvous", "--plain", "--self-signed-ca-out", "x"}, "exclude each other"},
@@ -166,7 +168,9 @@ func attachWithClient(t *testing.T, flags []string, cmd ...string) (int, string,
 		done <- out{code, stderr}
 	}()
 	var seen bytes.Buffer
-	cl := &rendezvous.Client{URL: u, Dial: tlsdial.Config{TLS: tcfg, DialTimeout: 10 * time.Second, PairTimeout: 20 * time.Second}, Stdout: &seen}
+	// Empty stdin, ended as the Heroku CLI ends it (0x04, the stream left
+	// open): a close would be a hang-up.
+	cl := &rendezvous.Client{URL: u, Dial: tlsdial.Config{TLS: tcfg, DialTimeout: 10 * time.Second, PairTimeout: 20 * time.Second}, EOFByte: true, Stdout: &seen}
 	res, err := cl.Run(context.Background())
 	if err != nil {
 		t.Fatalf("client: %v", err)

@@ -139,21 +139,26 @@ func runRendezvous(ctx context.Context, args []string, io stdio) (int, error) {
 }
 
 func runConnect(ctx context.Context, args []string, io stdio) (int, error) {
-	fs := newFlagSet("connect", "[flags] ATTACH_URL",
-		"attach-agent connect --ca /tmp/relay-ca.pem rendezvous://127.0.0.1:5000/SECRET", io.err)
+	fs := newFlagSet("connect", "[flags]   (the URL in $ATTACH_URL or --url-file)",
+		"ATTACH_URL=rendezvous://127.0.0.1:5000/SECRET attach-agent connect --ca /tmp/relay-ca.pem", io.err)
 	var d dialFlags
 	d.register(fs.FlagSet)
-	var eofByte bool
-	fs.BoolVar(&eofByte, "eof-byte", false, "at the end of stdin send 0x04 (Ctrl-D) instead of half-closing, as the Heroku CLI does")
+	var binary bool
+	fs.BoolVar(&binary, "binary", false, "at the end of stdin half-close the stream instead of sending 0x04 (for sessions with --binary-input or --raw, which take a half-close as end of input)")
+	var us urlSource
+	us.register(fs)
 	if err := parse(fs, args); err != nil {
 		return exitUsage, err
 	}
-	if fs.NArg() != 1 {
-		return exitUsage, usagef("want exactly one ATTACH_URL, got %d arguments", fs.NArg())
+	if fs.NArg() > 1 {
+		return exitUsage, usagef("want at most one argument (ATTACH_URL, better in $%s), got %d", urlEnv, fs.NArg())
 	}
-	u, err := tlsdial.Parse(fs.Arg(0))
+	if us.file == "-" {
+		return exitUsage, usagef("connect forwards stdin to the session: give --url-file a file, or use $%s", urlEnv)
+	}
+	u, _, err := us.resolve(fs.Args(), true, io.in, io.err)
 	if err != nil {
-		return exitUsage, usageError{err.Error()}
+		return exitUsage, err
 	}
 	cfg, err := d.config()
 	if err != nil {
@@ -161,7 +166,9 @@ func runConnect(ctx context.Context, args []string, io stdio) (int, error) {
 	}
 	restore := rawTerminal(io)
 	defer restore()
-	cl := &rendezvous.Client{URL: u, Dial: cfg, EOFByte: eofByte, Stdin: io.in, Stdout: io.out}
+	// As the Heroku CLI: 0x04 at the end of stdin, then the stream stays
+	// open for the output; closing it would hang the session up.
+	cl := &rendezvous.Client{URL: u, Dial: cfg, EOFByte: !binary, Stdin: io.in, Stdout: io.out}
 	res, err := cl.Run(ctx)
 	restore()
 	if err != nil {
