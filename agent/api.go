@@ -16,8 +16,9 @@ const MaxRequestBody = 1 << 20
 // maxWait bounds ?wait= on GET /v1/sessions/{id}.
 const maxWait = 10 * time.Minute
 
-// NewAPI serves the control API (docs/API.md) over m.
-func NewAPI(m *Manager) http.Handler {
+// NewAPI serves the control API (docs/API.md) over m to the callers a
+// allows (see ConnContext).
+func NewAPI(m *Manager, a Access) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
 		r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBody)
@@ -37,11 +38,17 @@ func NewAPI(m *Manager) http.Handler {
 			apiError(w, http.StatusBadRequest, "bad JSON: more than one object in the body")
 			return
 		}
-		v, err := m.Create(req)
+		caller, _ := callerOf(r.Context())
+		v, err := m.create(req, caller, a)
 		var re *RequestError
+		var pe *PolicyError
 		switch {
 		case errors.As(err, &re):
 			apiError(w, http.StatusBadRequest, re.Error())
+		case errors.As(err, &pe):
+			apiError(w, http.StatusForbidden, pe.Error())
+		case errors.Is(err, ErrDuplicate):
+			apiError(w, http.StatusConflict, err.Error())
 		case errors.Is(err, ErrFull):
 			apiError(w, http.StatusTooManyRequests, err.Error())
 		case errors.Is(err, ErrShuttingDown):
@@ -94,7 +101,22 @@ func NewAPI(m *Manager) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true, "active": m.Active()})
 	})
-	return mux
+	return guard(mux, a)
+}
+
+// guard lets through only the callers a allows, and names the refused one.
+func guard(h http.Handler, a Access) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, ok := callerOf(r.Context())
+		switch {
+		case !ok:
+			apiError(w, http.StatusForbidden, errNoCaller.Error())
+		case !a.allows(c):
+			apiError(w, http.StatusForbidden, fmt.Sprintf("uid %d (gid %d) may not use the control API: the daemon's --allow-uid or --allow-gid admits callers", c.UID, c.GID))
+		default:
+			h.ServeHTTP(w, r)
+		}
+	})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

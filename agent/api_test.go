@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -30,6 +33,7 @@ type daemon struct {
 	reg     *prometheus.Registry
 	metrics *agent.Metrics
 	srv     *httptest.Server
+	client  *http.Client
 	logs    *syncBuffer
 }
 
@@ -52,13 +56,34 @@ func (s *syncBuffer) String() string {
 
 func newDaemon(t *testing.T, cfg agent.ManagerConfig) *daemon {
 	t.Helper()
+	a := agent.DefaultAccess()
+	a.UIDs = []uint32{uint32(os.Getuid())}
+	return newDaemonWith(t, cfg, a)
+}
+
+// newDaemonWith serves the API on a unix socket, as the daemon does, so
+// that its peer credentials are there to check.
+func newDaemonWith(t *testing.T, cfg agent.ManagerConfig, a agent.Access) *daemon {
+	t.Helper()
 	d := &daemon{env: relaytest.Start(t, nil), reg: prometheus.NewRegistry(), logs: &syncBuffer{}}
 	cfg.Dial = d.env.Dial
 	d.metrics = agent.NewMetrics(d.reg)
 	cfg.Metrics = d.metrics
 	cfg.Logger = slog.New(slog.NewJSONHandler(d.logs, nil))
 	d.mgr = agent.NewManager(cfg)
-	d.srv = httptest.NewServer(agent.NewAPI(d.mgr))
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.srv = httptest.NewUnstartedServer(agent.NewAPI(d.mgr, a))
+	_ = d.srv.Listener.Close()
+	d.srv.Listener = ln
+	d.srv.Config.ConnContext = agent.ConnContext
+	d.srv.Start()
+	d.client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
 	t.Cleanup(func() {
 		d.srv.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 0)
@@ -70,11 +95,11 @@ func newDaemon(t *testing.T, cfg agent.ManagerConfig) *daemon {
 
 func (d *daemon) do(t *testing.T, method, path, body string) (int, map[string]any) {
 	t.Helper()
-	req, err := http.NewRequest(method, d.srv.URL+path, strings.NewReader(body))
+	req, err := http.NewRequest(method, "http://agent"+path, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := d.client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -363,5 +388,77 @@ func TestAPIUserAndContainer(t *testing.T) {
 	}
 	if problems, err := testutil.GatherAndLint(d.reg); err != nil || len(problems) > 0 {
 		t.Errorf("lint: %v %v", problems, err)
+	}
+}
+
+// The API knows its caller (SO_PEERCRED): only the allowed uids and gids
+// get in, the caller is in the view and the log, and the operator's policy
+// bounds what an allowed caller may ask, each refusal naming its flag.
+func TestAPICallerAndPolicy(t *testing.T) {
+	d := newDaemonWith(t, agent.ManagerConfig{}, agent.Access{UIDs: []uint32{54321}, GIDs: []uint32{54321}})
+	code, v := d.do(t, "GET", "/v1/sessions", "")
+	if code != http.StatusForbidden || !strings.Contains(fmt.Sprint(v["error"]), fmt.Sprintf("uid %d", os.Getuid())) || !strings.Contains(fmt.Sprint(v["error"]), "--allow-uid") {
+		t.Errorf("a caller not allowed: %d %v", code, v)
+	}
+
+	a := agent.Access{UIDs: []uint32{uint32(os.Getuid())}, AllowRootUser: false, RootfsUnder: []string{"/srv/slugs"}}
+	d = newDaemonWith(t, agent.ManagerConfig{}, a)
+	url := func(s string) string { u := d.env.URL(s); return "rendezvous://" + u.Addr() + "/" + s }
+	for _, tc := range []struct{ body, flag string }{
+		{`"command": "true"`, "--allow-root-user"},
+		{`"command": "true", "user": "root"`, "--allow-root-user"},
+		{`"command": "true", "user": "0:0"`, "--allow-root-user"},
+		{`"command": "true", "user": "nobody", "container": {"pid": 1}`, "--allow-join"},
+		{`"command": "true", "user": "nobody", "container": {"rootfs": "/srv/slugs/a", "privileged": true}`, "--allow-privileged"},
+		{`"command": "true", "user": "nobody", "container": {"rootfs": "/srv/slugs-evil/a"}`, "--rootfs-under"},
+		{`"command": "true", "user": "nobody", "container": {"rootfs": "/srv/slugs/../etc"}`, "--rootfs-under"},
+	} {
+		code, v := d.do(t, "POST", "/v1/sessions", fmt.Sprintf(`{"attach_url": %q, %s}`, url("policy"), tc.body))
+		if code != http.StatusForbidden || !strings.Contains(fmt.Sprint(v["error"]), tc.flag) {
+			t.Errorf("%s: %d %v, want 403 naming %s", tc.body, code, v, tc.flag)
+		}
+	}
+	if code, _ := d.do(t, "GET", "/v1/sessions", ""); code != http.StatusOK {
+		t.Errorf("an allowed caller: %d", code)
+	}
+	if os.Geteuid() != 0 {
+		return // running as nobody needs root
+	}
+	body := fmt.Sprintf(`{"attach_url": %q, "command": "sleep 30", "user": "nobody"}`, url("dup"))
+	code, v = d.do(t, "POST", "/v1/sessions", body)
+	if code != http.StatusCreated {
+		t.Fatalf("POST: %d %v", code, v)
+	}
+	id := v["id"].(string)
+	caller, _ := v["caller"].(map[string]any)
+	if caller == nil || caller["uid"] != float64(os.Getuid()) || caller["pid"] != float64(os.Getpid()) {
+		t.Errorf("view's caller %v: want uid %d pid %d", v["caller"], os.Getuid(), os.Getpid())
+	}
+	// The same secret again while the first runs: the two would pair.
+	if code, v := d.do(t, "POST", "/v1/sessions", body); code != http.StatusConflict || !strings.Contains(fmt.Sprint(v["error"]), "already has this attach_url's secret") {
+		t.Errorf("duplicate secret: %d %v, want 409", code, v)
+	}
+	d.do(t, "DELETE", "/v1/sessions/"+id, "")
+	if _, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=30s", ""); v["state"] != "ended" {
+		t.Fatalf("not ended: %v", v)
+	}
+	if !strings.Contains(d.logs.String(), fmt.Sprintf(`"caller_pid":%d`, os.Getpid())) {
+		t.Errorf("the log lines do not name the caller: %s", d.logs.String())
+	}
+}
+
+// A connection with no peer credentials (not the unix socket) is refused.
+func TestAPIRefusesWithoutPeerCredentials(t *testing.T) {
+	mgr := agent.NewManager(agent.ManagerConfig{})
+	srv := httptest.NewServer(agent.NewAPI(mgr, agent.DefaultAccess()))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/v1/sessions")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(b), "unix socket only") {
+		t.Errorf("over TCP: %d %s", resp.StatusCode, b)
 	}
 }

@@ -46,6 +46,7 @@ type ManagerConfig struct {
 var (
 	ErrFull         = errors.New("too many sessions running: retry later")
 	ErrShuttingDown = errors.New("the agent is shutting down: not taking new sessions")
+	ErrDuplicate    = errors.New("a running session already has this attach_url's secret: two would pair with each other; end it first, or use a new secret")
 )
 
 // RequestError is a bad field of a request.
@@ -90,6 +91,7 @@ type View struct {
 	StartedAt  time.Time         `json:"started_at"`
 	EndedAt    *time.Time        `json:"ended_at,omitempty"`
 	TimingsMS  map[string]int64  `json:"timings_ms,omitempty"`
+	Caller     *Caller           `json:"caller,omitempty"`
 	DialTries  int               `json:"dial_attempts,omitempty"`
 	CommandRan bool              `json:"command_ran"`
 }
@@ -255,10 +257,19 @@ func commandArgv(raw json.RawMessage, shell string) ([]string, error) {
 
 // Create validates req and starts the session in the background.
 func (m *Manager) Create(req Request) (View, error) {
+	return m.create(req, Caller{}, DefaultAccess())
+}
+
+func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	spec, err := m.Spec(req)
 	if err != nil {
 		return View{}, err
 	}
+	if err := a.check(spec); err != nil {
+		return View{}, err
+	}
+	spec.DenyRoot = !a.AllowRootUser
+	spec.Caller = &caller
 	m.mu.Lock()
 	switch {
 	case m.closing:
@@ -267,6 +278,12 @@ func (m *Manager) Create(req Request) (View, error) {
 	case m.running >= m.cfg.MaxSessions:
 		m.mu.Unlock()
 		return View{}, ErrFull
+	}
+	for _, o := range m.sessions {
+		if o.ended.IsZero() && o.spec.URL.Secret == spec.URL.Secret && o.spec.URL.Addr() == spec.URL.Addr() {
+			m.mu.Unlock()
+			return View{}, ErrDuplicate
+		}
 	}
 	m.prune(time.Now())
 	ctx, cancel := context.WithCancelCause(context.Background())
@@ -281,7 +298,8 @@ func (m *Manager) Create(req Request) (View, error) {
 	}
 	m.changed(active)
 	log := m.cfg.Logger.With("session_id", s.id)
-	log.Info("session started", "secret_fp", spec.URL.Fingerprint(), "relay", spec.URL.Addr())
+	log.Info("session started", "secret_fp", spec.URL.Fingerprint(), "relay", spec.URL.Addr(),
+		"caller_uid", caller.UID, "caller_pid", caller.PID)
 	go func() {
 		defer m.wg.Done()
 		r := Run(ctx, spec, log)
@@ -340,7 +358,7 @@ func (m *Manager) view(s *managed) View {
 	defer m.mu.Unlock()
 	v := View{
 		ID: s.id, State: "running", Relay: s.spec.URL.Addr(), SecretFP: s.spec.URL.Fingerprint(),
-		Labels: s.spec.Labels, StartedAt: s.started, User: s.spec.User,
+		Labels: s.spec.Labels, StartedAt: s.started, User: s.spec.User, Caller: s.spec.Caller,
 	}
 	if !s.spec.Container.IsZero() {
 		ctr := s.spec.Container

@@ -60,6 +60,12 @@ type Spec struct {
 	// to the command's start); past it the session fails as spawn_failed.
 	// Zero: container.DefaultSetupTimeout.
 	SetupTimeout time.Duration
+	// DenyRoot refuses to start the command as root (the operator's
+	// policy): a user the container's files make uid 0 included.
+	DenyRoot bool
+	// Caller is who asked for the session (the control API's peer), for
+	// the log line; nil: not through the API.
+	Caller *Caller
 }
 
 // Timings break a session into phases.
@@ -188,7 +194,12 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 		return res
 	}
 	var proc *ptyio.Process
-	if err = applyErr; err == nil {
+	if err = applyErr; err == nil && spec.DenyRoot {
+		if c := ps.SysProcAttr; c == nil || c.Credential == nil || c.Credential.Uid == 0 {
+			err = &PolicyError{"running the command as root (the container's passwd makes " + orAgent(spec.User) + " uid 0)", "--allow-root-user"}
+		}
+	}
+	if err == nil {
 		startCalled = true
 		proc, err = ptyio.Start(ps)
 	}
@@ -243,6 +254,13 @@ func tellClient(conn *tlsdial.Conn, err error, spec Spec, code int) {
 
 func ms(d time.Duration) int64 { return d.Milliseconds() }
 
+func orAgent(user string) string {
+	if user == "" {
+		return "the agent's user"
+	}
+	return user
+}
+
 func logResult(log *slog.Logger, spec Spec, r Result) {
 	attrs := []any{
 		"secret_fp", spec.URL.Fingerprint(), "relay", spec.URL.Addr(), "reason", string(r.Reason),
@@ -258,6 +276,9 @@ func logResult(log *slog.Logger, spec Spec, r Result) {
 	}
 	if !spec.Container.IsZero() {
 		attrs = append(attrs, "container", spec.Container.String())
+	}
+	if spec.Caller != nil {
+		attrs = append(attrs, "caller_uid", spec.Caller.UID, "caller_pid", spec.Caller.PID)
 	}
 	if r.Err != nil {
 		attrs = append(attrs, "err", r.Err.Error())

@@ -305,7 +305,8 @@ func TestSandboxDiesWithTheAgent(t *testing.T) {
 	relay := relaytest.Start(t, nil)
 	u := relay.URL("lifeline")
 	cmd := exec.Command(bin, "attach", "--ca", relay.CAFile(t), "--rootfs", root, "--no-tty",
-		"rendezvous://"+u.Addr()+"/lifeline", "--", "/bin/sh", "-c", "echo ready; exec sleep 300")
+		"--", "/bin/sh", "-c", "echo ready; exec sleep 300")
+	cmd.Env = append(os.Environ(), "ATTACH_URL=rendezvous://"+u.Addr()+"/lifeline")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -413,5 +414,70 @@ func TestNeedsRoot(t *testing.T) {
 		if code != 125 || !strings.Contains(out, tc.say) || strings.Contains(out, "command-ran") {
 			t.Errorf("%q as nobody: exit %d, output %q: want 125 and %q", tc.flags, code, out, tc.say)
 		}
+	}
+}
+
+// The attach URL is the session's secret: passed the safe ways, it is in
+// no process's command line, neither attach's, connect's nor their
+// children's, while the session runs.
+func TestSecretInNoCommandLine(t *testing.T) {
+	bin := buildAgent(t)
+	relay := relaytest.Start(t, nil)
+	const secret = "s3cret-never-in-argv"
+	url := "rendezvous://" + relay.URL(secret).Addr() + "/" + secret
+	ca := relay.CAFile(t)
+	attach := exec.Command(bin, "attach", "--ca", ca, "--no-tty", "--", "/bin/sh", "-c", "echo ready; sleep 30 & wait")
+	attach.Env = append(os.Environ(), "ATTACH_URL="+url)
+	urlFile := filepath.Join(t.TempDir(), "url")
+	if err := os.WriteFile(urlFile, []byte(url+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	connect := exec.Command(bin, "connect", "--ca", ca, "--url-file", urlFile)
+	stdin, err := connect.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := connect.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var attachErr, connectErr syncBuf
+	attach.Stderr, connect.Stderr = &attachErr, &connectErr
+	for _, c := range []*exec.Cmd{attach, connect} {
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+	}
+	_ = stdin // held open: the session runs until the test ends it
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || line != "ready\n" {
+		t.Fatalf("read %q, %v (attach: %s, connect: %s)", line, err, attachErr.String(), connectErr.String())
+	}
+	seen := 0
+	for _, root := range []int{attach.Process.Pid, connect.Process.Pid} {
+		for _, pid := range append([]int{root}, descendants(root)...) {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			if err != nil {
+				continue // gone since
+			}
+			seen++
+			if strings.Contains(string(b), secret) {
+				t.Errorf("pid %d's command line holds the secret: %q", pid, b)
+			}
+		}
+	}
+	if seen < 3 { // attach, connect, the shell (and its sleep)
+		t.Errorf("looked at %d processes: want attach, connect and the command", seen)
+	}
+	for _, s := range []string{attachErr.String(), connectErr.String()} {
+		if strings.Contains(s, secret) || strings.Contains(s, "warning") {
+			t.Errorf("stderr %q: a secret or a warning", s)
+		}
+	}
+	// A positional URL still works, and says what it exposes.
+	code, _, stderr := runCLI("connect", "--ca", ca, "--connect-timeout", "1s", "--dial-timeout", "1s", "rendezvous://127.0.0.1:1/x")
+	if code == exitUsage || !strings.Contains(stderr, "readable by every local user") {
+		t.Errorf("positional URL: exit %d, stderr %q: want it tried, with the warning", code, stderr)
 	}
 }

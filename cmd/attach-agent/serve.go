@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -44,6 +45,27 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	fs.StringVar(&metricsAddr, "metrics-listen", "127.0.0.1:9464", "`address` for /metrics (Prometheus); empty: off")
 	fs.StringVar(&logFormat, "log-format", "auto", "journald, text, json, or auto (journald when stderr is the journal)")
 	fs.IntVar(&maxSessions, "max-sessions", 1000, "sessions running at once; more get 429")
+	access := agent.DefaultAccess()
+	fs.Func("allow-uid", "a `UID` that may use the control API (repeatable; default: root)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		access.UIDs = append(access.UIDs, uint32(n))
+		return err
+	})
+	fs.Func("allow-gid", "a `GID` whose members (by primary group) may use the control API (repeatable; default: the control socket's group)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		access.GIDs = append(access.GIDs, uint32(n))
+		return err
+	})
+	fs.BoolVar(&access.AllowRootUser, "allow-root-user", true, "let a request run its command as root (no user, or uid 0 in the container)")
+	fs.BoolVar(&access.AllowJoin, "allow-join", true, "let a request join a running container (container.pid)")
+	fs.BoolVar(&access.AllowPrivileged, "allow-privileged", false, "let a request start a privileged sandbox (no hardening)")
+	fs.Func("rootfs-under", "hold sandboxes' rootfs to `DIR` (repeatable; default: anywhere)", func(v string) error {
+		if !filepath.IsAbs(v) {
+			return fmt.Errorf("%q: want an absolute path", v)
+		}
+		access.RootfsUnder = append(access.RootfsUnder, v)
+		return nil
+	})
 	var defaultPids int64
 	var setup time.Duration
 	fs.Int64Var(&defaultPids, "limit-pids", container.DefaultPidsLimit(), "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none (default 4096 as root, 0 otherwise)")
@@ -107,7 +129,19 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	if err != nil {
 		return exitFailure, err
 	}
-	api := &http.Server{Handler: agent.NewAPI(mgr), ReadHeaderTimeout: 10 * time.Second}
+	if len(access.UIDs) == 0 {
+		access.UIDs = []uint32{0}
+	}
+	if len(access.GIDs) == 0 {
+		// The socket's group: who the unit (SocketGroup=) or the operator
+		// let reach it.
+		if st, err := os.Stat(ln.Addr().String()); err == nil {
+			if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Gid != 0 {
+				access.GIDs = []uint32{sys.Gid}
+			}
+		}
+	}
+	api := &http.Server{Handler: agent.NewAPI(mgr, access), ConnContext: agent.ConnContext, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 2)
 	go func() { errc <- api.Serve(ln) }()
 	var msrv *http.Server
