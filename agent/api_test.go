@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -460,5 +461,50 @@ func TestAPIRefusesWithoutPeerCredentials(t *testing.T) {
 	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(b), "unix socket only") {
 		t.Errorf("over TCP: %d %s", resp.StatusCode, b)
+	}
+}
+
+// A panic in one session's goroutine ends that session alone (agent_error,
+// its command killed, the stack in the log, the client told only the
+// session's ID); another session and the daemon go on.
+func TestPanicEndsOneSession(t *testing.T) {
+	for _, point := range []string{"started", "output"} {
+		t.Run(point, func(t *testing.T) {
+			var armed atomic.Bool
+			d := newDaemon(t, agent.ManagerConfig{Fault: func(p string) {
+				if p == point && armed.CompareAndSwap(true, false) {
+					panic("injected at " + p + " in /host/path/secret.go")
+				}
+			}})
+			survivor := d.post(t, "survivor-"+point, `"command": "echo up; exec sleep 60", "tty": false`)
+			sc := d.attach(t, "survivor-"+point)
+			if got := readUntil(t, sc, "up\n"); !strings.Contains(got, "up") {
+				t.Fatalf("survivor: %q", got)
+			}
+			armed.Store(true)
+			victim := d.post(t, "victim-"+point, `"command": "echo doomed; echo $$ > /dev/null; exec sleep 60", "tty": false`)
+			vc := d.attach(t, "victim-"+point)
+			got, _ := io.ReadAll(vc)
+			_, v := d.do(t, "GET", "/v1/sessions/"+victim+"?wait=30s", "")
+			if v["reason"] != "agent_error" || v["exit_code"] == float64(0) {
+				t.Fatalf("victim: %v", v)
+			}
+			if !strings.Contains(string(got), "internal error in the agent (session "+victim+")") || strings.Contains(string(got), "/host/path") {
+				t.Errorf("victim's client saw %q: want the session's ID and no host detail", got)
+			}
+			if !strings.Contains(d.logs.String(), "session panic") || !strings.Contains(d.logs.String(), "goroutine") {
+				t.Errorf("no stack in the log: %s", d.logs.String())
+			}
+			if len(sleepers("60")) != 1 {
+				t.Errorf("sleep 60 processes %v: want the survivor's alone", sleepers("60"))
+			}
+			if _, v := d.do(t, "GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" {
+				t.Errorf("survivor: %v", v)
+			}
+			d.do(t, "DELETE", "/v1/sessions/"+survivor, "")
+			if _, v := d.do(t, "GET", "/v1/sessions/"+survivor+"?wait=30s", ""); v["reason"] != "killed" {
+				t.Errorf("survivor after DELETE: %v", v)
+			}
+		})
 	}
 }

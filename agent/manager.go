@@ -40,6 +40,8 @@ type ManagerConfig struct {
 	Logger          *slog.Logger // nil: none
 	Metrics         *Metrics     // nil: none
 	OnSessionChange func(active int)
+	// Fault, for tests, is every session's Spec.Fault. Nil in production.
+	Fault func(point string)
 }
 
 // Errors Create returns besides *RequestError.
@@ -270,6 +272,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	}
 	spec.DenyRoot = !a.AllowRootUser
 	spec.Caller = &caller
+	spec.Fault = m.cfg.Fault
 	m.mu.Lock()
 	switch {
 	case m.closing:
@@ -288,6 +291,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	m.prune(time.Now())
 	ctx, cancel := context.WithCancelCause(context.Background())
 	s := &managed{id: newID(), spec: spec, started: time.Now(), cancel: cancel, done: make(chan struct{})}
+	s.spec.ID = s.id
 	m.sessions[s.id] = s
 	m.running++
 	active := m.running
@@ -302,7 +306,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		"caller_uid", caller.UID, "caller_pid", caller.PID)
 	go func() {
 		defer m.wg.Done()
-		r := Run(ctx, spec, log)
+		r := Run(ctx, s.spec, log)
 		cancel(nil)
 		m.mu.Lock()
 		s.result, s.ended = r, time.Now()

@@ -32,7 +32,7 @@ const (
 var Reasons = []ptyio.Reason{
 	ptyio.ReasonExited, ptyio.ReasonClientGone, ptyio.ReasonIdle, ptyio.ReasonMaxDuration,
 	ptyio.ReasonStalled, ReasonPairTimeout, ReasonDialFailed, ReasonSpawnFailed,
-	ptyio.ReasonKilled, ptyio.ReasonShutdown,
+	ptyio.ReasonKilled, ptyio.ReasonShutdown, ptyio.ReasonAgentError,
 }
 
 // ExitAgentError is the exit code for a session the agent could not run
@@ -66,6 +66,12 @@ type Spec struct {
 	// Caller is who asked for the session (the control API's peer), for
 	// the log line; nil: not through the API.
 	Caller *Caller
+	// ID names the session to its client in an internal error's notice.
+	ID string
+	// Fault, for tests, is called at named points of the session
+	// ("started", then the pump's "input" and "output"). Nil in
+	// production.
+	Fault func(point string)
 }
 
 // Timings break a session into phases.
@@ -95,6 +101,10 @@ type Result struct {
 // Run runs one session to its end. The context ends it early: cancel it
 // with ptyio.ErrShutdown as the cause for reason shutdown, anything else
 // for killed. log receives one line at the end (and warnings); nil: none.
+//
+// A panic in the session's own goroutines (the pump's, the setup's) ends
+// this session alone, as agent_error, its process group killed and the
+// stack logged; the client is told only that, with the session's ID.
 func Run(ctx context.Context, spec Spec, log *slog.Logger) Result {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -102,12 +112,37 @@ func Run(ctx context.Context, spec Spec, log *slog.Logger) Result {
 	t0 := time.Now()
 	res := run(ctx, spec, log, t0)
 	res.Timings.Total = time.Since(t0)
+	var pe *ptyio.PanicError
+	if errors.As(res.Err, &pe) {
+		log.Error("session panic", "secret_fp", spec.URL.Fingerprint(), "where", pe.Where, "panic", fmt.Sprint(pe.Value), "stack", string(pe.Stack))
+	}
 	logResult(log, spec, res)
 	return res
 }
 
-func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result {
-	var res Result
+func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Result) {
+	var proc *ptyio.Process
+	var conn *tlsdial.Conn
+	defer func() {
+		// Last of all (the setup's release has run): the stream closes
+		// here, after an internal error is told on it.
+		if conn != nil {
+				}
+		err := ptyio.Recovered("session", recover())
+		if err == nil {
+			return
+		}
+		if proc != nil {
+			_ = proc.Signal(syscall.SIGKILL) // the group; the cgroup's release ends what escaped it
+		}
+		if conn != nil {
+			func() {
+				defer func() { _ = recover() }() // a second fault must not take the daemon
+				tellClient(conn, internalError(spec), spec, ExitAgentError)
+			}()
+		}
+		res.Reason, res.Err, res.ExitCode = ptyio.ReasonAgentError, err, ExitAgentError
+	}()
 	ctxReason := func() ptyio.Reason {
 		if errors.Is(context.Cause(ctx), ptyio.ErrShutdown) {
 			return ptyio.ReasonShutdown
@@ -136,6 +171,11 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 	}
 	go func() {
 		defer close(applied)
+		defer func() {
+			if err := ptyio.Recovered("setup", recover()); err != nil {
+				applyErr = err
+			}
+		}()
 		release, applyErr = container.Apply(ctx, spec.Container, spec.User, &ps, setup)
 		if applyErr == nil && ps.TTY {
 			ps.Terminal, applyErr = ptyio.OpenTerminal(ps)
@@ -162,7 +202,6 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 		}
 		return fail(ReasonDialFailed, err)
 	}
-	defer func() { _ = conn.Close() }() // best effort: ptyio closes it too
 	res.Timings.Connect, res.Timings.TLS, res.Timings.Dial = conn.Timings.Connect, conn.Timings.TLS, conn.Timings.Dial
 	res.Timings.Attempts = conn.Timings.Attempts
 	if conn.Slow() {
@@ -193,7 +232,6 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 		tellClient(conn, err, spec, res.ExitCode)
 		return res
 	}
-	var proc *ptyio.Process
 	if err = applyErr; err == nil && spec.DenyRoot {
 		if c := ps.SysProcAttr; c == nil || c.Credential == nil || c.Credential.Uid == 0 {
 			err = &PolicyError{"running the command as root (the container's passwd makes " + orAgent(spec.User) + " uid 0)", "--allow-root-user"}
@@ -207,15 +245,27 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) Result 
 	if err != nil {
 		res = fail(ReasonSpawnFailed, err)
 		var se *ptyio.SpawnError
-		if errors.As(err, &se) {
+		var pe *ptyio.PanicError
+		switch {
+		case errors.As(err, &se):
 			res.ExitCode = se.Code
+		case errors.As(err, &pe):
+			res.Reason = ptyio.ReasonAgentError
+			err = internalError(spec) // never the panic's text: it may name host paths
 		}
 		tellClient(conn, err, spec, res.ExitCode)
 		return res
 	}
 	res.Started = true
+	if spec.Fault != nil {
+		spec.Fault("started")
+	}
 
 	pc := spec.Pump
+	pc.Name = spec.ID
+	if pc.Fault == nil {
+		pc.Fault = spec.Fault
+	}
 	if spec.ExitStatusMarker {
 		pc.ExitMarker = rendezvous.ExitStatusLine
 	}
@@ -253,6 +303,13 @@ func tellClient(conn *tlsdial.Conn, err error, spec Spec, code int) {
 }
 
 func ms(d time.Duration) int64 { return d.Milliseconds() }
+
+func internalError(spec Spec) error {
+	if spec.ID != "" {
+		return fmt.Errorf("internal error in the agent (session %s): its operator has the details", spec.ID)
+	}
+	return errors.New("internal error in the agent: its operator has the details")
+}
 
 func orAgent(user string) string {
 	if user == "" {

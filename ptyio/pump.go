@@ -2,6 +2,7 @@ package ptyio
 
 import (
 	"bytes"
+	"runtime/debug"
 	"context"
 	"errors"
 	"fmt"
@@ -34,7 +35,27 @@ const (
 	ReasonStalled     Reason = "stalled"      // output could not be written for StallTimeout
 	ReasonKilled      Reason = "killed"       // ended from outside (context cancelled)
 	ReasonShutdown    Reason = "shutdown"     // the agent is shutting down
+	ReasonAgentError  Reason = "agent_error"  // a bug in the agent (a panic) ended this session alone
 )
+
+// PanicError is a panic recovered in one of a session's goroutines: it
+// ends that session (ReasonAgentError) and nothing else.
+type PanicError struct {
+	Where string // which goroutine
+	Value any
+	Stack []byte
+}
+
+func (e *PanicError) Error() string { return fmt.Sprintf("panic in %s: %v", e.Where, e.Value) }
+
+// Recovered turns a panic recovered by a session's goroutine (the value
+// recover returned; nil: none) into a *PanicError with its stack.
+func Recovered(where string, v any) error {
+	if v == nil {
+		return nil
+	}
+	return &PanicError{Where: where, Value: v, Stack: debug.Stack()}
+}
 
 // ErrShutdown as the cancel cause of Run's context records ReasonShutdown
 // instead of ReasonKilled.
@@ -79,6 +100,13 @@ type Config struct {
 	// Unsent reports bytes the socket has not sent yet (see SocketUnsent);
 	// such bytes are activity for the idle timeout. Nil: not counted.
 	Unsent func() int
+	// Name is the session's ID, for the client's notice of an internal
+	// error.
+	Name string
+	// Fault, for tests, is called at named points of the pump's
+	// goroutines ("input", "output"); a panic there is recovered as any
+	// other. Nil in production.
+	Fault func(point string)
 }
 
 func (c Config) withDefaults() Config {
@@ -182,8 +210,22 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 
 	inDone := make(chan error, 1)
 	outDone := make(chan error, 1)
-	go func() { inDone <- s.input() }()
-	go func() { outDone <- s.output() }()
+	go func() {
+		defer func() {
+			if err := Recovered("stream -> process", recover()); err != nil {
+				inDone <- err
+			}
+		}()
+		inDone <- s.input()
+	}()
+	go func() {
+		defer func() {
+			if err := Recovered("process -> stream", recover()); err != nil {
+				outDone <- err
+			}
+		}()
+		outDone <- s.output()
+	}()
 
 	var (
 		reason     Reason
@@ -207,7 +249,10 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		}
 		if !killing {
 			killing = true
-			go s.terminate(killStop)
+			go func() {
+				defer func() { _ = recover() }() // a signal not sent is caught by reapGroup and the cgroup
+				s.terminate(killStop)
+			}()
 		}
 	}
 	idle := newTimer(cfg.IdleTimeout)
@@ -232,7 +277,10 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		case err := <-outDone:
 			outOver = true
 			var we *streamWriteError
+			var pe *PanicError
 			switch {
+			case errors.As(err, &pe):
+				end(ReasonAgentError, err)
 			case errors.As(err, &we) && isTimeout(we.err):
 				end(ReasonStalled, fmt.Errorf("output blocked for %v: %w", cfg.StallTimeout, we.err))
 			case errors.As(err, &we):
@@ -240,7 +288,11 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			}
 		case err := <-inDone:
 			inDone, inOver = nil, true
-			if err != nil && reason == "" {
+			var pe *PanicError
+			switch {
+			case errors.As(err, &pe):
+				end(ReasonAgentError, err)
+			case err != nil && reason == "":
 				end(ReasonClientGone, err)
 			}
 		case <-idle.C():
@@ -312,6 +364,11 @@ func notice(r Reason, cfg Config) string {
 		return "ended by the operator"
 	case ReasonShutdown:
 		return "the agent is shutting down"
+	case ReasonAgentError:
+		if cfg.Name != "" {
+			return "internal error in the agent (session " + cfg.Name + "): its operator has the details"
+		}
+		return "internal error in the agent: its operator has the details"
 	}
 	return string(r)
 }
@@ -398,6 +455,9 @@ func (s *session) output() error {
 	empty := 0
 	for {
 		n, err := r.read(buf)
+		if s.cfg.Fault != nil {
+			s.cfg.Fault("output")
+		}
 		if n > 0 {
 			empty = 0
 			s.touch()
@@ -484,6 +544,9 @@ func (s *session) input() error {
 	}
 	for {
 		n, err := s.s.Read(buf)
+		if s.cfg.Fault != nil {
+			s.cfg.Fault("input")
+		}
 		if n > 0 {
 			empty = 0
 			s.touch()

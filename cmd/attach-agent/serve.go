@@ -119,6 +119,16 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 		log.Warn("ended what a previous agent left behind", "cgroups", n)
 	}
 	notify := func(state string) { _, _ = daemon.SdNotify(false, state) } // best effort: no systemd, no-op
+	// SIGHUP (a terminal closed, or a reload habit) must not end the
+	// host's sessions: it is logged and otherwise ignored.
+	hups := make(chan os.Signal, 1)
+	signal.Notify(hups, syscall.SIGHUP)
+	defer signal.Stop(hups)
+	go func() {
+		for range hups {
+			log.Info("SIGHUP: nothing to reload; sessions go on (SIGTERM stops the daemon)")
+		}
+	}()
 	mgr := agent.NewManager(agent.ManagerConfig{
 		Dial: dcfg, Pump: pump, MaxSessions: maxSessions, MaxPairTimeout: maxPair, MaxIdleTimeout: maxIdle,
 		MaxMaxDuration: maxDur, KeepEnded: keep, Logger: log, Metrics: metrics, DefaultPids: defaultPids, SetupTimeout: setup,

@@ -239,6 +239,20 @@ func TestServeSIGTERM(t *testing.T) {
 	}
 	c1, c2 := attach("finishes"), attach("never-ends")
 
+	// SIGHUP is logged, and nothing else happens: the sessions and the
+	// API go on.
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(stderr.String(), "SIGHUP"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no SIGHUP line in the log:\n%s", stderr.String())
+		}
+	}
+	if code, _ := post("after-hup", `"true"`); code != http.StatusCreated {
+		t.Fatalf("POST after SIGHUP: %d", code)
+	}
+
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
