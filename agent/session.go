@@ -127,7 +127,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		// Last of all (the setup's release has run): the stream closes
 		// here, after an internal error is told on it.
 		if conn != nil {
-				}
+		}
 		err := ptyio.Recovered("session", recover())
 		if err == nil {
 			return

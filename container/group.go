@@ -268,6 +268,18 @@ func (cg *cgroup) kill(deadline time.Time) {
 		if err := os.WriteFile(filepath.Join(cg.v2, "cgroup.kill"), []byte("1"), 0); err == nil {
 			return
 		}
+		// Before Linux 5.14: freeze the group (5.2), kill, thaw.
+		freeze := filepath.Join(cg.v2, "cgroup.freeze")
+		if os.WriteFile(freeze, []byte("1"), 0) == nil {
+			for time.Now().Before(deadline) {
+				if b, err := os.ReadFile(filepath.Join(cg.v2, "cgroup.events")); err != nil || strings.Contains(string(b), "frozen 1") {
+					break
+				}
+				time.Sleep(time.Millisecond) // bounded; cgroup.events could be polled, this is the rare path
+			}
+			killAll(cg.v2)
+			_ = os.WriteFile(freeze, []byte("0"), 0)
+		}
 	}
 	if cg.freezer != "" && populated(cg.freezer) {
 		state := filepath.Join(cg.freezer, "freezer.state")

@@ -68,9 +68,18 @@ func runInit() int {
 	if !cfg.Privileged {
 		// On this (locked) thread, which forks the command: what is given
 		// up here the command never has.
-		err := dropBounding(func(c int) bool { return keptCaps[c] }, lastCap())
+		// With the host's network a raw socket sees and forges the host's
+		// traffic (a container runtime's default network is its own).
+		kept := func(c int) bool { return keptCaps[c] && (cfg.NoNet || c != unix.CAP_NET_RAW) }
+		err := dropBounding(kept, lastCap())
 		if err == nil {
-			err = installFilter()
+			// A root command gets its bounding and inheritable sets at
+			// exec: the agent's inheritable set (a service manager's
+			// setting) must not bring back what was dropped.
+			err = narrowInheritable(keptMask(), true)
+		}
+		if err == nil {
+			err = installFilter(true)
 		}
 		if err != nil {
 			report(initStatus{Code: 125, Err: "sandbox: " + err.Error()})
@@ -180,8 +189,10 @@ func setupSandbox(cfg initConfig) error {
 		return fmt.Errorf("bind %s: %w", r, err)
 	}
 	if nodev != 0 {
-		// A bind takes its flags only on a remount.
-		if err := unix.Mount("", r, "", unix.MS_REMOUNT|unix.MS_BIND|nodev, ""); err != nil {
+		// A bind takes its flags only on a remount, which sets them all:
+		// so the ones the root has (an operator's read-only, noexec image)
+		// are kept.
+		if err := unix.Mount("", r, "", unix.MS_REMOUNT|unix.MS_BIND|nodev|mountFlags(r), ""); err != nil {
 			return fmt.Errorf("root nosuid,nodev: %w", err)
 		}
 	}
@@ -334,17 +345,30 @@ func bindResolvConf(r string) error {
 	return nil
 }
 
-// mountAt mounts fstype on dir/name, creating the directory if missing.
+// mountAt mounts fstype on dir/name (name one path element), creating the
+// directory if missing. The mount point is opened without following any
+// symlink and mounted on through its descriptor: a tenant's process in
+// another sandbox on the same root could otherwise swap the directory for
+// a link between a check and the mount, and the mount would land
+// elsewhere (say /proc, unmasked, somewhere the masks do not reach).
 func mountAt(dir, name, source, fstype string, flags uintptr, data string) error {
 	target := filepath.Join(dir, name)
-	if st, err := os.Lstat(target); err == nil && st.Mode()&fs.ModeSymlink != 0 {
-		// Resolved now, before pivot_root, it would lead out of the root.
-		return fmt.Errorf("%s is a symlink: refusing to mount on it", target)
-	}
-	if err := os.MkdirAll(target, 0o755); err != nil {
+	if err := unix.Mkdir(target, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("mount point %s: %w", target, err)
 	}
-	if err := unix.Mount(source, target, fstype, flags, data); err != nil {
+	fd, err := unix.Openat2(unix.AT_FDCWD, target, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC | unix.O_NOFOLLOW,
+		Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if err != nil {
+		if st, lerr := os.Lstat(target); lerr == nil && st.Mode()&fs.ModeSymlink != 0 {
+			// Resolved now, before pivot_root, it would lead out of the root.
+			return fmt.Errorf("%s is a symlink: refusing to mount on it", target)
+		}
+		return fmt.Errorf("mount point %s: %w", target, err)
+	}
+	defer func() { _ = unix.Close(fd) }() // best effort
+	if err := unix.Mount(source, fmt.Sprintf("/proc/self/fd/%d", fd), fstype, flags, data); err != nil {
 		return fmt.Errorf("mount %s on %s: %w", fstype, target, err)
 	}
 	return nil
@@ -471,4 +495,32 @@ func maskPaths(r string) error {
 		}
 	}
 	return nil
+}
+
+// keptMask is keptCaps as a capability mask.
+func keptMask() uint64 {
+	var m uint64
+	for c := range keptCaps {
+		m |= 1 << uint(c)
+	}
+	return m
+}
+
+// mountFlags are the per-mount flags of the mount at dir that a bind
+// remount must restate to keep.
+func mountFlags(dir string) uintptr {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0
+	}
+	var f uintptr
+	for _, m := range []struct{ st, ms int64 }{
+		{unix.ST_RDONLY, unix.MS_RDONLY}, {unix.ST_NOEXEC, unix.MS_NOEXEC}, {unix.ST_NOATIME, unix.MS_NOATIME},
+		{unix.ST_NODIRATIME, unix.MS_NODIRATIME}, {unix.ST_RELATIME, unix.MS_RELATIME},
+	} {
+		if st.Flags&m.st != 0 {
+			f |= uintptr(m.ms)
+		}
+	}
+	return f
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
 	"syscall"
 
@@ -14,40 +15,40 @@ import (
 )
 
 // helperArg, as the first argument, makes the agent's binary the join
-// helper (see Main): the last step of a joined command's start, inside
-// the container, for what the agent's forking thread cannot do itself.
+// helper (see Main and joinLaunch).
 const helperArg = "__join-exec"
+
+// helperNS is a namespace the helper enters: the file the agent opened,
+// as the helper's fd.
+type helperNS struct {
+	Name string
+	Flag int
+	FD   int
+}
 
 // helperConfig is what the agent tells the join helper through fd 3.
 type helperConfig struct {
 	Argv []string
 	Env  []string
 	Dir  string
-	// Path is the program, already resolved inside; empty: the helper
-	// resolves Argv[0] in Env's PATH (it runs inside the root).
-	Path string
-	// Cred, when set, is who the helper becomes before it execs.
+	NS   []helperNS // in joinOrder
+	// RootFD is the container's root directory, opened.
+	RootFD int
+	// Cred is who the command runs as; nil: root (inside).
 	Cred *syscall.Credential
-	// Confine, when set, is applied by the helper (its bounding set is
-	// full again after entering a user namespace); Root says whether the
-	// command runs as root.
-	Confine *confinement
+	// Confine is the target's confinement; Root says whether the command
+	// runs as root.
+	Confine confinement
 	Root    bool
-	// Seccomp installs the default filter right before the exec.
-	Seccomp bool
 }
 
-// startHelper starts cmd, which runs the helper (path and args name it
-// and whatever starts it, e.g. nsenter), and hands it cmd's own command
-// through the config pipe; extra files follow the pipes from fd 5. It
-// returns once the helper reports that it is about to exec the command,
-// or with the helper's failure as a spawn error.
+// startHelper starts cmd as the helper (path and args name it, or what
+// starts it: nsenter), handing it cmd's own command through the config
+// pipe and the extra files from fd 5. It returns once the helper reports
+// that the command started, or with its failure as a spawn error.
 func startHelper(sc setupCtx, cmd *exec.Cmd, hc helperConfig, path string, args []string, extra []*os.File) error {
 	hc.Argv, hc.Env, hc.Dir = cmd.Args, cmd.Env, cmd.Dir
 	name := cmd.Args[0]
-	if hc.Path == "" && len(hc.Argv) == 0 {
-		return &ptyio.SpawnError{Name: "''", Code: 127, Err: errors.New("empty command")}
-	}
 	cfgR, cfgW, err := os.Pipe()
 	if err != nil {
 		return err
@@ -66,9 +67,6 @@ func startHelper(sc setupCtx, cmd *exec.Cmd, hc helperConfig, path string, args 
 	err = cmd.Start()
 	_, _ = cfgR.Close(), statW.Close() // the helper's ends
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) && path == "/proc/self/exe" {
-			return fmt.Errorf("start the join helper: %w: the container needs /proc mounted, and a dynamically linked agent its libraries inside (build it with CGO_ENABLED=0)", err)
-		}
 		return fmt.Errorf("start the join helper: %w", err)
 	}
 	if err := json.NewEncoder(cfgW).Encode(hc); err != nil {
@@ -86,87 +84,102 @@ func startHelper(sc setupCtx, cmd *exec.Cmd, hc helperConfig, path string, args 
 	return nil
 }
 
-// runJoinHelper is the helper: inside the container's namespaces and
-// root, as root there, it becomes the user, confines itself, reports that
-// it is ready, and execs the command. Everything per thread (bounding set,
-// no_new_privs, seccomp) is done on the one thread that execs.
+// runJoinHelper is the helper. On its one locked thread it enters the
+// container's namespaces and root, confines the thread as the target is
+// confined, and forks the command there (so the command is born inside,
+// in the container's PID namespace, with all of it); then it stays the
+// command's parent, in the host's PID namespace, and exits with its
+// status. Signals for the session reach the command through its process
+// group, which it shares with the helper.
 func runJoinHelper() int {
 	runtime.LockOSThread()
-	// Whatever nsenter or the agent passed, the command holds none of it.
+	// Whatever the agent or nsenter passed, the command holds none of it.
 	_ = unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0) // our /proc files are root's alone
 	status := os.NewFile(4, "status")
-	fail := func(code int, err error) int {
-		_ = json.NewEncoder(status).Encode(initStatus{Code: code, Err: err.Error()}) // the agent reads it, or has gone
-		return code
+	report := func(st initStatus) int {
+		_ = json.NewEncoder(status).Encode(st) // the agent reads it, or has gone
+		_ = status.Close()
+		return st.Code
 	}
+	fail := func(code int, err error) int { return report(initStatus{Code: code, Err: err.Error()}) }
 	var hc helperConfig
 	if err := json.NewDecoder(os.NewFile(3, "config")).Decode(&hc); err != nil {
 		return fail(125, fmt.Errorf("join helper: read config: %w", err))
 	}
-	_ = unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0) // no tenant process may open our /proc files
-	if err := unix.Chdir("/"); err != nil {
-		return fail(125, err)
+	// Caught, not ignored (an ignored signal stays ignored in the command):
+	// each reaches the command through the group already.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
+	child, err := enterAndStart(hc)
+	if err != nil {
+		code := 125
+		var se *ptyio.SpawnError
+		if errors.As(err, &se) {
+			code, err = se.Code, se.Err // the agent names the command itself
+		}
+		return fail(code, err)
 	}
-	path := hc.Path
-	if path == "" {
-		var err error
-		if path, err = ptyio.Resolve(hc.Argv[0], hc.Env, hc.Dir); err != nil {
-			var se *ptyio.SpawnError
-			if errors.As(err, &se) {
-				return fail(se.Code, se.Err)
-			}
-			return fail(125, err)
+	report(initStatus{OK: true})
+	for {
+		var ws unix.WaitStatus
+		_, err := unix.Wait4(child, &ws, 0, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		switch {
+		case err != nil:
+			return 125
+		case ws.Signaled():
+			return 128 + int(ws.Signal())
+		case ws.Exited():
+			return ws.ExitStatus()
 		}
 	}
-	if hc.Dir != "" {
-		if err := unix.Chdir(hc.Dir); err != nil {
-			return fail(125, fmt.Errorf("working directory: %w", err))
-		}
-	}
-	if hc.Confine != nil {
-		// The bounding set first, while we still have CAP_SETPCAP.
-		if err := hc.Confine.apply(hc.Root, false); err != nil {
-			return fail(125, fmt.Errorf("confine as the container: %w", err))
-		}
-	}
-	if c := hc.Cred; c != nil {
-		if err := setCred(c); err != nil {
-			return fail(125, err)
-		}
-	}
-	if hc.Seccomp {
-		if err := installFilter(); err != nil {
-			return fail(125, err)
-		}
-	}
-	// Ready: the status pipe closes with the exec (close-on-exec); the
-	// agent does not wait for that, since nsenter keeps a copy open.
-	if err := json.NewEncoder(status).Encode(initStatus{OK: true}); err != nil {
-		return 125
-	}
-	err := syscall.Exec(path, hc.Argv, hc.Env)
-	fmt.Fprintf(os.Stderr, "attach-agent: exec %s: %v\r\n", hc.Argv[0], err)
-	if errors.Is(err, syscall.ENOENT) {
-		return 127
-	}
-	return 126
 }
 
-// setCred switches the whole process to c (Go applies set*id to every
-// thread).
-func setCred(c *syscall.Credential) error {
-	groups := make([]int, len(c.Groups))
-	for i, g := range c.Groups {
-		groups[i] = int(g)
+// enterAndStart does the helper's work on its locked thread and returns
+// the command's pid.
+func enterAndStart(hc helperConfig) (int, error) {
+	// While /proc is still the host's (the thread's own attr files).
+	if err := hc.Confine.setLabel(); err != nil {
+		return 0, err
 	}
-	if err := syscall.Setgroups(groups); err != nil {
-		return fmt.Errorf("setgroups: %w", err)
+	// The thread's root and cwd are the process's until this; setns into a
+	// mount namespace also requires it.
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return 0, fmt.Errorf("unshare fs: %w", err)
 	}
-	if err := syscall.Setresgid(int(c.Gid), int(c.Gid), int(c.Gid)); err != nil {
-		return fmt.Errorf("setgid %d: %w", c.Gid, err)
+	for _, ns := range hc.NS {
+		if err := unix.Setns(ns.FD, ns.Flag); err != nil {
+			return 0, fmt.Errorf("enter the container's %s namespace: %w", ns.Name, err)
+		}
 	}
-	if err := syscall.Setresuid(int(c.Uid), int(c.Uid), int(c.Uid)); err != nil {
-		return fmt.Errorf("setuid %d: %w", c.Uid, err)
+	if err := unix.Fchdir(hc.RootFD); err != nil {
+		return 0, fmt.Errorf("enter the container's root: %w", err)
 	}
-	return nil
+	if err := unix.Chroot("."); err != nil {
+		return 0, fmt.Errorf("chroot: %w", err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return 0, err
+	}
+	if len(hc.Argv) == 0 {
+		return 0, &ptyio.SpawnError{Name: "''", Code: 127, Err: errors.New("empty command")}
+	}
+	path, err := ptyio.Resolve(hc.Argv[0], hc.Env, hc.Dir)
+	if err != nil {
+		return 0, err
+	}
+	if err := hc.Confine.apply(hc.Root); err != nil {
+		return 0, fmt.Errorf("confine as the container: %w", err)
+	}
+	p, err := os.StartProcess(path, hc.Argv, &os.ProcAttr{
+		Dir: hc.Dir, Env: hc.Env, Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+		Sys: &syscall.SysProcAttr{Credential: hc.Cred}, // the helper's session and terminal
+	})
+	if err != nil {
+		return 0, &ptyio.SpawnError{Name: hc.Argv[0], Code: 126, Err: err}
+	}
+	return p.Pid, nil
 }

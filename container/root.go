@@ -73,21 +73,31 @@ func (r *root) isDir(rel string) bool {
 
 // readFile reads the regular file rel inside the root, at most
 // maxRootFile bytes; anything else (a FIFO, a device, a directory, a
-// larger file) is an error that names it.
+// larger file) is an error that names it. It is found with O_PATH and
+// checked before it is opened for reading: opening a device node runs its
+// driver, as host root and outside the container's device cgroup.
 func (r *root) readFile(rel string) ([]byte, error) {
-	fd, err := r.open(rel, unix.O_RDONLY)
+	pfd, err := r.open(rel, unix.O_PATH)
 	if err != nil {
 		return nil, fmt.Errorf("%s in %s: %w", rel, r.name, err)
 	}
-	f := os.NewFile(uintptr(fd), rel)
-	defer func() { _ = f.Close() }() // best effort
+	defer func() { _ = unix.Close(pfd) }() // best effort
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
+	if err := unix.Fstat(pfd, &st); err != nil {
 		return nil, err
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil, fmt.Errorf("%s in %s: not a regular file", rel, r.name)
 	}
+	if st.Size > maxRootFile {
+		return nil, fmt.Errorf("%s in %s: larger than %d bytes", rel, r.name, maxRootFile)
+	}
+	// The same inode, reopened for reading through its O_PATH descriptor.
+	f, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", pfd), os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%s in %s: %w", rel, r.name, err)
+	}
+	defer func() { _ = f.Close() }() // best effort
 	b, err := io.ReadAll(io.LimitReader(f, maxRootFile+1))
 	if err != nil {
 		return nil, err

@@ -140,16 +140,20 @@ func defaultFilter() ([]unix.SockFilter, error) {
 	return p.assemble()
 }
 
-// installFilter sets no_new_privs and installs the default filter on the
-// calling thread, which must be locked to its goroutine; processes it
-// forks from then on inherit both.
-func installFilter() error {
+// installFilter installs the default filter on the calling thread, which
+// must be locked to its goroutine; processes it forks from then on inherit
+// it. With nnp it sets no_new_privs first; without, the thread needs
+// CAP_SYS_ADMIN (a joined command keeps the target's no_new_privs, as
+// `docker exec` does: setuid programs such as sudo still work).
+func installFilter(nnp bool) error {
 	prog, err := defaultFilter()
 	if err != nil {
 		return err
 	}
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return fmt.Errorf("no_new_privs: %w", err)
+	if nnp {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("no_new_privs: %w", err)
+		}
 	}
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	// No SECCOMP_FILTER_FLAG_TSYNC: the filter is for this thread and what

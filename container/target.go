@@ -49,13 +49,24 @@ func goneError(pid int) error {
 // check fails, saying the process is gone, unless the pinned process is
 // still alive under its number.
 func (t *target) check() error {
-	if err := unix.PidfdSendSignal(t.pidfd, 0, nil, 0); err != nil {
+	if err := unix.PidfdSendSignal(t.pidfd, 0, nil, 0); err != nil || exited(t.pid) {
 		return goneError(t.pid)
 	}
 	if st, err := startTime(t.pid); err != nil || st != t.start {
 		return goneError(t.pid)
 	}
 	return nil
+}
+
+// stat fields after the command: state, then ppid...; a zombie has exited.
+func exited(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	return len(f) == 0 || f[0] == "Z" || f[0] == "X"
 }
 
 func (t *target) close() {
@@ -85,8 +96,12 @@ func startTime(pid int) (string, error) {
 type confinement struct {
 	Bounding    uint64 // the target's bounding set
 	Inheritable uint64 // the target's inheritable set
-	Permitted   uint64 // the target's permitted set (a root command gets no more)
-	NoNewPrivs  bool
+	Permitted   uint64 // the target's permitted set (a root command gets no more, when the target is root)
+	// TargetRoot: the target runs as root (real uid 0), so its permitted
+	// set says what root has there; a non-root target's does not, and a
+	// root command then gets the bounding set (as `docker exec -u root`).
+	TargetRoot bool
+	NoNewPrivs bool
 	// Seccomp: the target runs under a filter (or strict mode). Its
 	// filter cannot be read back, so the command gets the sandbox's
 	// default filter (defaultFilter), which refuses what Docker's default
@@ -127,6 +142,9 @@ func readConfinement(pid int) (confinement, error) {
 			hex(&c.Permitted)
 		case "NoNewPrivs":
 			c.NoNewPrivs = v == "1"
+		case "Uid":
+			f := strings.Fields(v)
+			c.TargetRoot = len(f) > 0 && f[0] == "0"
 		case "Seccomp":
 			c.Seccomp = v != "0"
 		}
@@ -149,6 +167,15 @@ func readLabel(pid int) (lsm, label string) {
 		}
 		return "", ""
 	}
+	if b, err := os.ReadFile("/sys/module/apparmor/parameters/enabled"); err == nil && len(b) > 0 && b[0] == 'Y' {
+		// Kernels before 5.8 have only the shared attr/current.
+		cur, err := os.ReadFile(fmt.Sprintf("/proc/%d/attr/current", pid))
+		name, _, _ := strings.Cut(strings.TrimSpace(string(cur)), " (")
+		if err == nil && name != "" && name != "unconfined" {
+			return "apparmor", name
+		}
+		return "", ""
+	}
 	if _, err := os.Stat("/sys/fs/selinux/enforce"); err != nil {
 		return "", ""
 	}
@@ -160,48 +187,65 @@ func readLabel(pid int) (lsm, label string) {
 }
 
 // apply confines the calling thread, which must be locked to its
-// goroutine and is discarded after it forks or execs: its bounding set
-// (and, for a root command, inheritable set) narrowed to the target's, no
-// ambient capabilities, no_new_privs as the target has it, the label for
-// the next exec. withSeccomp installs the filter too (with no_new_privs:
-// a filter needs it when the thread may lose its capabilities).
-func (c confinement) apply(root bool, withSeccomp bool) error {
-	last := lastCap()
+// goroutine and forks the command next: its bounding set (and, for a root
+// command, inheritable set) narrowed to the target's, no ambient
+// capabilities, the default seccomp filter where the target has a filter,
+// and no_new_privs as the target has it. The label is setLabel's, before
+// the thread leaves the host's /proc.
+func (c confinement) apply(root bool) error {
 	keep := c.Bounding
-	if root {
+	if root && c.TargetRoot {
 		// A root command's exec gives it its bounding and inheritable sets
-		// in full: so they also stop at what the target may hold.
+		// in full: so they also stop at what root holds in the container.
 		keep &= c.Permitted | c.Inheritable
 	}
-	if err := dropBounding(func(cp int) bool { return keep&(1<<uint(cp)) != 0 }, last); err != nil {
+	if err := dropBounding(func(cp int) bool { return keep&(1<<uint(cp)) != 0 }, lastCap()); err != nil {
 		return err
 	}
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return fmt.Errorf("capget: %w", err)
+	if err := narrowInheritable(c.Inheritable&keep, true); err != nil {
+		return err
 	}
-	inh := c.Inheritable & keep
-	data[0].Inheritable &= uint32(inh)
-	data[1].Inheritable &= uint32(inh >> 32)
-	if err := unix.Capset(&hdr, &data[0]); err != nil {
-		return fmt.Errorf("capset inheritable: %w", err)
-	}
-	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("clear ambient capabilities: %w", err)
+	if c.Seccomp {
+		// Before no_new_privs, while the thread holds CAP_SYS_ADMIN: then
+		// a target without no_new_privs gives a command without it.
+		if err := installFilter(false); err != nil {
+			return err
+		}
 	}
 	if c.NoNewPrivs {
 		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 			return fmt.Errorf("no_new_privs: %w", err)
 		}
 	}
-	if c.LSMLabel != "" {
-		if err := setExecLabel(c.LSM, c.LSMLabel); err != nil {
-			return err
-		}
+	return nil
+}
+
+// setLabel has the thread's next exec, and its children's, take the
+// target's LSM label.
+func (c confinement) setLabel() error {
+	if c.LSMLabel == "" {
+		return nil
 	}
-	if withSeccomp && c.Seccomp {
-		return installFilter()
+	return setExecLabel(c.LSM, c.LSMLabel)
+}
+
+// narrowInheritable keeps only inh in the calling thread's inheritable
+// set and, with clearAmbient, empties its ambient set.
+func narrowInheritable(inh uint64, clearAmbient bool) error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("capget: %w", err)
+	}
+	data[0].Inheritable &= uint32(inh)
+	data[1].Inheritable &= uint32(inh >> 32)
+	if err := unix.Capset(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("capset inheritable: %w", err)
+	}
+	if clearAmbient {
+		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("clear ambient capabilities: %w", err)
+		}
 	}
 	return nil
 }
@@ -211,7 +255,10 @@ func (c confinement) apply(root bool, withSeccomp bool) error {
 func setExecLabel(lsm, label string) error {
 	file, value := "/proc/thread-self/attr/exec", label
 	if lsm == "apparmor" {
-		file, value = "/proc/thread-self/attr/apparmor/exec", "exec "+label
+		value = "exec " + label
+		if _, err := os.Stat("/proc/thread-self/attr/apparmor/exec"); err == nil {
+			file = "/proc/thread-self/attr/apparmor/exec"
+		}
 	}
 	if err := os.WriteFile(file, []byte(value), 0); err != nil {
 		return fmt.Errorf("%s label %q: %w", lsm, label, err)

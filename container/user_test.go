@@ -125,6 +125,19 @@ func TestLookupUserHostileRoot(t *testing.T) {
 			t.Fatal("the lookup blocked on a FIFO")
 		}
 	})
+	t.Run("device node is not opened", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root (mknod)")
+		}
+		root := mk(t)
+		// /dev/zero: opening it would succeed and reading would never end.
+		if err := syscall.Mknod(filepath.Join(root, "etc/passwd"), syscall.S_IFCHR|0o644, 1<<8|5); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LookupUser("app", root); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("err %v: want 'not a regular file'", err)
+		}
+	})
 	t.Run("endless file is refused", func(t *testing.T) {
 		root := mk(t)
 		if err := os.WriteFile(filepath.Join(root, "etc/passwd"), make([]byte, maxRootFile+1), 0o644); err != nil {

@@ -2,13 +2,13 @@ package ptyio
 
 import (
 	"bytes"
-	"runtime/debug"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync/atomic"
 	"syscall"
 	"time"

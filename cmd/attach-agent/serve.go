@@ -124,9 +124,16 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	hups := make(chan os.Signal, 1)
 	signal.Notify(hups, syscall.SIGHUP)
 	defer signal.Stop(hups)
+	hupDone := make(chan struct{})
+	defer close(hupDone)
 	go func() {
-		for range hups {
-			log.Info("SIGHUP: nothing to reload; sessions go on (SIGTERM stops the daemon)")
+		for {
+			select {
+			case <-hups:
+				log.Info("SIGHUP: nothing to reload; sessions go on (SIGTERM stops the daemon)")
+			case <-hupDone:
+				return
+			}
 		}
 	}()
 	mgr := agent.NewManager(agent.ManagerConfig{
