@@ -53,7 +53,7 @@ func main() {
 	trips := flag.Int("trips", 2000, "one-byte round trips in the latency test")
 	setups := flag.Int("setups", 20, "sessions in the setup test")
 	rounds := flag.Int("rounds", 3, "rounds of the download and echo-bulk tests (medians are reported)")
-	only := flag.String("only", "download,echo,latency,setup", "the tests to run, comma-separated (download includes cost)")
+	only := flag.String("only", "download,echo,latency,setup,nagle", "the tests to run, comma-separated (download includes cost)")
 	flag.Parse()
 	if *rounds < 1 {
 		fmt.Fprintln(os.Stderr, "bench: -rounds must be at least 1")
@@ -62,10 +62,10 @@ func main() {
 	tests := map[string]bool{}
 	for _, t := range strings.Split(*only, ",") {
 		switch t {
-		case "download", "echo", "latency", "setup":
+		case "download", "echo", "latency", "setup", "nagle":
 			tests[t] = true
 		default:
-			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency and setup, comma-separated\n", t)
+			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup and nagle, comma-separated\n", t)
 			os.Exit(2)
 		}
 	}
@@ -251,7 +251,70 @@ func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds in
 		fmt.Printf("  reference agent                  %8v\n", st[1])
 		fmt.Printf("  attach-agent                     %8v   %.2fx reference (target <= 1)\n", st[0], float64(st[0])/float64(st[1]))
 	}
+	if tests["nagle"] {
+		// A client's setup (connect, TLS, secret, ack) with its partner
+		// already waiting: Go's client (TCP_NODELAY) and one with Nagle's
+		// algorithm on, as Python's ssl module is, alternating.
+		var d [2][]time.Duration
+		for i := range 2 * setups {
+			m := (i + i/2) % 2
+			v, err := e.clientSetup(m == 1)
+			if err != nil {
+				return fmt.Errorf("client setup: %w", err)
+			}
+			d[m] = append(d[m], v)
+		}
+		var st [2]time.Duration
+		for m := range d {
+			sort.Slice(d[m], func(i, j int) bool { return d[m][i] < d[m][j] })
+			st[m] = d[m][len(d[m])/2]
+		}
+		fmt.Printf("client setup through the relay, partner waiting (median of %d each, alternating)\n", setups)
+		fmt.Printf("  TCP_NODELAY (Go's client)        %8v\n", st[0])
+		fmt.Printf("  Nagle on (Python's ssl client)   %8v   %.2fx (target <= 1.1)\n", st[1], float64(st[1])/float64(st[0]))
+	}
 	return nil
+}
+
+// clientSetup times one client's connect, TLS handshake, secret line and
+// ack, with its partner already waiting; nagle leaves Nagle's algorithm on.
+func (e *env) clientSetup(nagle bool) (time.Duration, error) {
+	u := e.url()
+	waiter := make(chan error, 1)
+	go func() {
+		c, err := e.client(u)
+		if err == nil {
+			_ = c.Close()
+		}
+		waiter <- err
+	}()
+	for e.relay.Waiting() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	t0 := time.Now()
+	raw, err := net.DialTimeout("tcp", u.Addr(), 10*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer raw.Close()
+	if err := raw.(*net.TCPConn).SetNoDelay(!nagle); err != nil {
+		return 0, err
+	}
+	tc := tls.Client(raw, &tls.Config{RootCAs: e.dial.TLS.RootCAs, ServerName: u.Host})
+	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		return 0, err
+	}
+	if _, err := io.WriteString(tc, u.Secret+"\r\n"); err != nil {
+		return 0, err
+	}
+	ack := make([]byte, len(tlsdial.Ack))
+	if _, err := io.ReadFull(tc, ack); err != nil {
+		return 0, err
+	}
+	el := time.Since(t0)
+	_ = tc.Close()
+	return el, <-waiter
 }
 
 // startAgent runs this binary as an agent (ours or the reference) for u.

@@ -37,7 +37,7 @@ func NewSelfSignedCerts(hosts []string) (*Certs, error) {
 		SerialNumber:          serial(),
 		Subject:               pkix.Name{CommonName: "attach-agent throwaway CA"},
 		NotBefore:             now.Add(-time.Minute),
-		NotAfter:              now.Add(24 * time.Hour),
+		NotAfter:              now.Add(365 * 24 * time.Hour), // a relay left running keeps working
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
@@ -58,7 +58,7 @@ func NewSelfSignedCerts(hosts []string) (*Certs, error) {
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: "attach-agent relay"},
 		NotBefore:    now.Add(-time.Minute),
-		NotAfter:     now.Add(24 * time.Hour),
+		NotAfter:     now.Add(365 * 24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
