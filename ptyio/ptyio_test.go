@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -127,5 +129,60 @@ func TestStartErrors(t *testing.T) {
 		if !errors.As(err, &se) || se.Code != tc.code || !strings.Contains(err.Error()+se.Err.Error(), tc.msg) {
 			t.Errorf("Start(%q) = %v, want code %d and %q", tc.argv, err, tc.code, tc.msg)
 		}
+	}
+}
+
+// The whole teardown, recorded step by step: all output (drained), the
+// notice for a reason other than exited, the marker, close_notify, the
+// linger for the client's end, the close, and the process group reaped,
+// in that order and each once.
+func TestTeardownOrderRecorded(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		script string
+		cfg    Config
+		want   []string
+		stream string
+	}{
+		{"exited", "echo out; exit 3", Config{},
+			[]string{"drained", "marker", "close_notify", "linger", "closed", "reaped"}, "out\n<exit 3>\n"},
+		{"idle", "trap 'echo bye; exit 4' HUP; echo out; read x", Config{IdleTimeout: 200 * time.Millisecond},
+			[]string{"drained", "notice", "marker", "close_notify", "linger", "closed", "reaped"},
+			"out\nbye\n\r\nattach-agent: session ended: idle for 200ms\r\n<exit 4>\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, agentSide := relaytest.TCPPair(t)
+			p, err := Start(Spec{Argv: []string{"sh", "-c", tc.script}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var steps []string // written by Run's goroutine alone, read after it returns
+			cfg := tc.cfg
+			cfg.ExitMarker = func(code int) string { return fmt.Sprintf("<exit %d>\n", code) }
+			cfg.Trace = func(s string) { steps = append(steps, s) }
+			res := make(chan Result, 1)
+			go func() { res <- Run(context.Background(), agentSide, p, cfg) }()
+			got, err := io.ReadAll(client) // until close_notify
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = client.Close() // the client's end: the linger is over
+			<-res
+			if string(got) != tc.stream {
+				t.Errorf("stream %q, want %q", got, tc.stream)
+			}
+			i := slices.Index(steps, tc.want[0])
+			if i < 0 || !slices.Equal(steps[i:], tc.want) {
+				t.Fatalf("steps %q: want them to end %q", steps, tc.want)
+			}
+			exited, outOver := slices.Index(steps, "exited"), slices.Index(steps, "output over")
+			if exited < 0 || outOver < 0 || exited > i || outOver > i {
+				t.Errorf("steps %q: the exit and the end of output come before the teardown", steps)
+			}
+			// The idle session ends first, then its process goes (SIGHUP).
+			if e := slices.Index(steps, "ending: idle_timeout"); tc.name == "idle" && (e < 0 || e > exited) {
+				t.Errorf("steps %q: the reason is recorded before the process is ended", steps)
+			}
+		})
 	}
 }

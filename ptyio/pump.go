@@ -103,6 +103,11 @@ type Config struct {
 	// Name is the session's ID, for the client's notice of an internal
 	// error.
 	Name string
+	// Trace, for tests, is told each step of the pump as it happens
+	// ("exited", "input over", "output over", "ending: REASON", then the
+	// teardown's "drained", "notice", "marker", "close_notify", "linger",
+	// "closed", "reaped"). Nil in production.
+	Trace func(step string)
 	// Fault, for tests, is called at named points of the pump's
 	// goroutines ("input", "output"); a panic there is recovered as any
 	// other. Nil in production.
@@ -228,14 +233,19 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 	}()
 
 	var (
+		ps         pumpState
 		reason     Reason
 		detail     error
 		streamDead bool
-		outOver    bool
-		inOver     bool
 		killStop   = make(chan struct{})
 		killing    bool
+		killed     = make(chan struct{})
 	)
+	step := func(name string) {
+		if cfg.Trace != nil {
+			cfg.Trace(name)
+		}
+	}
 	end := func(r Reason, err error) {
 		if reason != "" {
 			return
@@ -250,21 +260,30 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		if !killing {
 			killing = true
 			go func() {
+				defer close(killed)
 				defer func() { _ = recover() }() // a signal not sent is caught by reapGroup and the cgroup
 				s.terminate(killStop)
 			}()
 		}
+		step("ending: " + string(r))
 	}
 	idle := newTimer(cfg.IdleTimeout)
 	defer idle.Stop()
 	maxT := newTimer(cfg.MaxDuration)
 	defer maxT.Stop()
-	procDone := p.Done()
-
-	for !(outOver && procDone == nil) {
+	for !ps.pumpOver() {
+		// A direction or process that is over is no longer waited on.
+		procDone, inC := p.Done(), inDone
+		if ps.process == processExited {
+			procDone = nil
+		}
+		if ps.input == inputOver {
+			inC = nil
+		}
 		select {
 		case <-procDone:
-			procDone = nil
+			ps.process = processExited
+			step("exited")
 			owed := int64(queued(p.master, unix.TIOCINQ)) // FIONREAD for a pipe
 			if p.tty {
 				owed += ttyBufferSlack
@@ -275,7 +294,8 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			// Bound the drain: a background child can hold the pty open.
 			_ = p.master.SetReadDeadline(time.Now().Add(cfg.DrainQuiet))
 		case err := <-outDone:
-			outOver = true
+			ps.output = outputOver
+			step("output over")
 			var we *streamWriteError
 			var pe *PanicError
 			switch {
@@ -286,8 +306,9 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			case errors.As(err, &we):
 				end(ReasonClientGone, err)
 			}
-		case err := <-inDone:
-			inDone, inOver = nil, true
+		case err := <-inC:
+			ps.input = inputOver
+			step("input over")
 			var pe *PanicError
 			switch {
 			case errors.As(err, &pe):
@@ -313,37 +334,47 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		}
 	}
 	close(killStop)
+	if killing {
+		<-killed
+	}
 	if reason == "" {
 		reason = ReasonExited
 	}
 	code, sig := p.ExitStatus()
+	step("drained")
 
 	if !streamDead {
 		_ = st.SetWriteDeadline(time.Now().Add(cfg.StallTimeout))
 		var werr error
 		if reason != ReasonExited {
+			step("notice")
 			_, werr = io.WriteString(st, "\r\nattach-agent: session ended: "+notice(reason, cfg)+"\r\n")
 		}
 		if werr == nil && cfg.ExitMarker != nil {
+			step("marker")
 			_, werr = io.WriteString(st, cfg.ExitMarker(code))
 		}
 		if werr == nil {
+			step("close_notify")
 			werr = st.CloseWrite()
 		}
-		if werr == nil && !inOver {
+		if werr == nil && ps.input == inputOpen {
 			// Bound both things the input goroutine may block on.
+			step("linger")
 			_ = st.SetReadDeadline(time.Now().Add(cfg.Linger))
 			_ = p.input.SetWriteDeadline(time.Now().Add(cfg.Linger))
 			<-inDone
-			inOver = true
+			ps.input = inputOver
 		}
 	}
+	step("closed")
 	_ = st.Close()
 	s.reapGroup()
 	_ = p.Close()
-	if !inOver {
+	if ps.input == inputOpen {
 		<-inDone
 	}
+	step("reaped")
 	res := Result{
 		Reason: reason, ExitCode: code, Signal: sig, Err: detail,
 		BytesIn: s.bytesIn.Load(), BytesOut: s.bytesOut.Load(), EmptyReads: s.empty.Load(),
@@ -432,6 +463,43 @@ func (s *session) reapGroup() {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// pumpState is where a session's pump is: each part only moves forward,
+// and the pump is over once the output is over and the process has
+// exited; then the teardown runs (see Run). The phases a reader sees:
+// running (all open), input over (the client's end given to the process;
+// output goes on), exited and draining (the process gone, its output
+// still copied, bounded as the drain says), ending (a reason recorded:
+// the process is being signalled while output still flows, unless the
+// stream is dead).
+type pumpState struct {
+	input   inputState
+	output  outputState
+	process processState
+}
+
+type (
+	inputState   uint8
+	outputState  uint8
+	processState uint8
+)
+
+const (
+	inputOpen inputState = iota
+	inputOver
+)
+
+const (
+	outputFlowing outputState = iota
+	outputOver
+)
+
+const (
+	processRunning processState = iota
+	processExited
+)
+
+func (ps pumpState) pumpOver() bool { return ps.output == outputOver && ps.process == processExited }
 
 // streamWriteError marks a failure to write to the stream (as opposed to
 // reading from the process).
