@@ -659,10 +659,21 @@ func (r *Relay) splice(a, b *side, fp string) (ab, ba int64, err error) {
 		dir string
 	}
 	res := make(chan result, 2)
-	var last atomic.Int64 // the pair's last progress either way, ns
-	last.Store(time.Now().UnixNano())
+	act := &pairActivity{}
+	act.last.Store(time.Now().UnixNano())
+	stopWatch := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		if why := r.watch(act, stopWatch); why != "" {
+			r.log().Info("relay: pair ended", "secret_fp", fp, "reason", why)
+			abort(a, true)
+			abort(b, true)
+		}
+	}()
+	defer func() { close(stopWatch); <-watched }()
 	pipe := func(dst, src *side, dir string) {
-		n, err := r.copy(dst, src, fp, &last)
+		n, err := r.copy(dst, src, fp, act, dir == "b -> a")
 		if err == nil {
 			halfClose(dst)
 		} else {
@@ -702,19 +713,11 @@ func halfClose(s *side) {
 // copy moves src to dst until src ends (nil error) or anything fails.
 // Without Coalesce, what a read brings is passed on at once, together with
 // the records TLS already holds (read without waiting), in one write(2).
-//
-// A pair is bounded: it ends when nothing moved either way for
-// SpliceIdle (last is shared by both directions), or when a write to dst
-// made no progress for SpliceStall (its client stopped reading: a relay
-// must not hold such pairs, and their buffers, for ever).
-func (r *Relay) copy(dst, src *side, fp string, last *atomic.Int64) (int64, error) {
-	idle := orDur(r.SpliceIdle, DefaultSpliceIdle)
-	stall := orDur(r.SpliceStall, DefaultSpliceStall)
-	idleDeadline := func() time.Time {
-		if idle < 0 {
-			return time.Time{}
-		}
-		return time.Unix(0, last.Load()).Add(idle)
+// It records its progress in act for the pair's watch.
+func (r *Relay) copy(dst, src *side, fp string, act *pairActivity, second bool) (int64, error) {
+	writing := &act.writing[0]
+	if second {
+		writing = &act.writing[1]
 	}
 	size := batchSize
 	if r.Coalesce {
@@ -735,19 +738,15 @@ func (r *Relay) copy(dst, src *side, fp string, last *atomic.Int64) (int64, erro
 			}
 		}
 		// A peer that reads slowly (a paused terminal, a process not
-		// reading its stdin) is not dead: the bound is on a write that
-		// moves nothing at all for SpliceStall.
-		if stall > 0 {
-			_ = dst.conn.SetWriteDeadline(time.Now().Add(stall))
-		}
+		// reading its stdin) is not dead: the watch bounds only a write
+		// that moves nothing at all (SpliceStall).
+		writing.Store(time.Now().UnixNano())
 		n, err := tlsdial.WriteBatched(dst.batch, dst.conn, buf[:fill])
+		writing.Store(0)
 		total += int64(n)
 		r.stats.Spliced.Add(int64(n))
 		fill = 0
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("a write made no progress for %v (the peer stopped reading): %w", stall, err)
-		}
-		last.Store(time.Now().UnixNano())
+		act.last.Store(time.Now().UnixNano())
 		return err
 	}
 	empty := 0
@@ -758,25 +757,15 @@ func (r *Relay) copy(dst, src *side, fp string, last *atomic.Int64) (int64, erro
 			_ = src.conn.SetReadDeadline(time.Now().Add(coalesceFlush))
 		case drain:
 			_ = src.conn.SetReadDeadline(time.Unix(1, 0)) // a read that needs the socket fails at once
-		default:
-			_ = src.conn.SetReadDeadline(idleDeadline())
 		}
 		n, err := src.conn.Read(buf[fill:])
 		fill += n
-		if n > 0 {
-			last.Store(time.Now().UnixNano())
-		}
 		timed := r.Coalesce && fill > 0 || drain
+		if timed {
+			_ = src.conn.SetReadDeadline(time.Time{})
+		}
 		drain = false
 		switch {
-		case !timed && errors.Is(err, os.ErrDeadlineExceeded):
-			if time.Now().Before(idleDeadline()) {
-				continue // the other direction moved meanwhile
-			}
-			if ferr := flush(); ferr != nil {
-				return total, ferr
-			}
-			return total, fmt.Errorf("nothing moved either way for %v: %w", idle, err)
 		case err == nil && n == 0:
 			if empty++; empty > 100 {
 				return total, errors.New("no progress: repeated empty reads")
@@ -870,6 +859,52 @@ func earliest(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// pairActivity is a spliced pair's progress, for its watch: the last time
+// anything moved either way, and when each direction's write in progress
+// began (0: none). Atomics on the hot path, and no deadline to reset per
+// read or write.
+type pairActivity struct {
+	last    atomic.Int64
+	writing [2]atomic.Int64
+}
+
+// watch checks act a few times per bound until stop is closed, and says
+// why the pair must end: nothing moved for SpliceIdle, or a write made no
+// progress for SpliceStall (its reader stopped: a relay must not hold such
+// pairs, and their buffers, for ever).
+func (r *Relay) watch(act *pairActivity, stop <-chan struct{}) string {
+	idle := orDur(r.SpliceIdle, DefaultSpliceIdle)
+	stall := orDur(r.SpliceStall, DefaultSpliceStall)
+	tick := time.Duration(1<<63 - 1)
+	for _, d := range []time.Duration{idle, stall} {
+		if d > 0 {
+			tick = min(tick, d/4)
+		}
+	}
+	if tick == 1<<63-1 {
+		<-stop
+		return ""
+	}
+	t := time.NewTicker(max(tick, time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return ""
+		case <-t.C:
+		}
+		now := time.Now().UnixNano()
+		if idle > 0 && now-act.last.Load() > int64(idle) {
+			return fmt.Sprintf("nothing moved either way for %v", idle)
+		}
+		for i := range act.writing {
+			if w := act.writing[i].Load(); stall > 0 && w != 0 && now-w > int64(stall) {
+				return fmt.Sprintf("a write made no progress for %v (the reader stopped reading)", stall)
+			}
+		}
+	}
 }
 
 // quickAck has the kernel acknowledge at once what arrives next on c
