@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -128,9 +130,10 @@ type bpfProgAttachAttr struct {
 	targetFd, attachBpfFd, attachType, attachFlags uint32
 }
 
-// denyDevicesV2 loads the device program and attaches it to the v2 group
-// dir; it holds every process in the group (and below) from then on.
-func denyDevicesV2(dir string) error {
+// deviceProgramFD is the device program, loaded once for the agent's
+// life (the verifier's run is most of an attach's cost) and attached to
+// each sandbox's group. It is the same immutable program for all.
+var deviceProgramFD = sync.OnceValues(func() (int, error) {
 	code := deviceProgram()
 	license := []byte("Apache-2.0\x00")
 	load := bpfProgLoadAttr{
@@ -138,10 +141,22 @@ func denyDevicesV2(dir string) error {
 		insns: uint64(uintptr(unsafe.Pointer(&code[0]))), license: uint64(uintptr(unsafe.Pointer(&license[0]))),
 	}
 	prog, _, e := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_LOAD, uintptr(unsafe.Pointer(&load)), unsafe.Sizeof(load))
+	runtime.KeepAlive(code)
+	runtime.KeepAlive(license)
 	if e != 0 {
-		return fmt.Errorf("load the device program: %w", e)
+		return -1, fmt.Errorf("load the device program: %w", e)
 	}
-	defer func() { _ = unix.Close(int(prog)) }() // the attachment holds it
+	unix.CloseOnExec(int(prog))
+	return int(prog), nil
+})
+
+// denyDevicesV2 attaches the device program to the v2 group dir; it holds
+// every process in the group (and below) from then on.
+func denyDevicesV2(dir string) error {
+	prog, err := deviceProgramFD()
+	if err != nil {
+		return err
+	}
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err

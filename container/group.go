@@ -57,16 +57,32 @@ func newGroup(n needs) (*cgroup, error) {
 		cg.release()
 		return nil, err
 	}
+	// A host session's command may leave anything behind: its group is
+	// what ends it (v2 where there is one). A sandbox's is ended by its
+	// PID namespace (its init's exit kills it all): it needs a group only
+	// for what its limits and devices need.
 	var v2root string
 	for _, m := range mounts {
 		if m.v2 && m.root == "/" {
-			dir := filepath.Join(m.dir, cgroupParent, name)
-			if os.MkdirAll(filepath.Dir(dir), 0o755) == nil && os.Mkdir(dir, 0o755) == nil {
-				v2root, cg.v2 = m.dir, dir
-				cg.dirs = append(cg.dirs, dir)
-			}
+			v2root = m.dir
 			break
 		}
+	}
+	makeV2 := func() bool {
+		if cg.v2 != "" || v2root == "" {
+			return cg.v2 != ""
+		}
+		dir := filepath.Join(v2root, cgroupParent, name)
+		if os.MkdirAll(filepath.Dir(dir), 0o755) != nil || os.Mkdir(dir, 0o755) != nil {
+			v2root = ""
+			return false
+		}
+		cg.v2 = dir
+		cg.dirs = append(cg.dirs, dir)
+		return true
+	}
+	if n.kind == "session" {
+		makeV2()
 	}
 	var want []controller
 	if n.limits.Pids > 0 {
@@ -76,7 +92,7 @@ func newGroup(n needs) (*cgroup, error) {
 		want = append(want, controller{"memory", "memory_bytes", "memory.max", "memory.limit_in_bytes", n.limits.Memory})
 	}
 	for _, c := range want {
-		if cg.v2 != "" && hasController(v2root, c.name) {
+		if v2root != "" && hasController(v2root, c.name) && makeV2() {
 			if err := enableV2(v2root, filepath.Dir(cg.v2), c.name); err != nil {
 				return fail(fmt.Errorf("container: limits.%s: %w", c.field, err))
 			}
@@ -98,14 +114,21 @@ func newGroup(n needs) (*cgroup, error) {
 		}
 	}
 	if n.devices {
-		dir, err := cg.v1(mounts, "devices", name)
-		switch {
-		case err == nil:
-			err = denyDevicesV1(dir)
-		case errors.Is(err, errNoHierarchy) && cg.v2 != "":
+		// The v2 device program where there is a writable v2 hierarchy
+		// (one load and attach), else the v1 controller (a rule per
+		// write, each ~1 ms: the controller waits out an RCU grace period).
+		var err error
+		if v2root != "" && makeV2() {
 			err = denyDevicesV2(cg.v2)
-		case errors.Is(err, errNoHierarchy):
-			err = fmt.Errorf("no devices cgroup (v1) or writable cgroup v2 under %s to hold the sandbox to its devices: mount one, or run it privileged", cgroupRoot)
+		} else {
+			var dir string
+			dir, err = cg.v1(mounts, "devices", name)
+			switch {
+			case err == nil:
+				err = denyDevicesV1(dir)
+			case errors.Is(err, errNoHierarchy):
+				err = fmt.Errorf("no devices cgroup (v1) or writable cgroup v2 under %s to hold the sandbox to its devices: mount one, or run it privileged", cgroupRoot)
+			}
 		}
 		if err != nil {
 			return fail(fmt.Errorf("container: device allowlist: %w", err))
@@ -113,7 +136,7 @@ func newGroup(n needs) (*cgroup, error) {
 	}
 	// Ending it all at once: cgroup.kill (v2, Linux 5.14) or, failing
 	// that, the v1 freezer, so a fork loop cannot outrun the kill.
-	if _, err := os.Stat(filepath.Join(cg.v2, "cgroup.kill")); cg.v2 == "" || err != nil {
+	if _, err := os.Stat(filepath.Join(cg.v2, "cgroup.kill")); n.kind == "session" && (cg.v2 == "" || err != nil) {
 		if dir, err := cg.v1(mounts, "freezer", name); err == nil {
 			cg.freezer = dir
 		}
@@ -196,11 +219,14 @@ func writeLimit(dir, file string, value int64) error {
 	return nil
 }
 
-// add moves pid (and so everything it will fork) into the groups: for a
-// process that waits to be placed (the sandbox's init reads its config
-// only after).
-func (cg *cgroup) add(pid int) error {
+// addV1 moves pid (and so everything it will fork) into the v1 groups:
+// for a process that waits to be placed (the sandbox's init reads its
+// config only after) and was born in the v2 group.
+func (cg *cgroup) addV1(pid int) error {
 	for _, dir := range cg.dirs {
+		if dir == cg.v2 {
+			continue
+		}
 		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
 			return fmt.Errorf("container: cgroup %s: add the sandbox: %w", dir, err)
 		}

@@ -6,7 +6,10 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
+
+	"github.com/attach-agent/attach-agent/ptyio"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,21 +32,27 @@ var joinOrder = []struct {
 // joinLaunch starts a command inside the namespaces and root of the
 // pinned target process, confined as that process is (see confinement).
 //
-// The agent does not enter the container itself. It starts its own
-// binary, by the host's /proc/self/exe, from the host's namespaces, as
-// the join helper (joinexec.go), born in the container's cgroups, and
-// hands it the container's namespaces and root as files it opened and
-// checked against the pidfd. The helper enters them on one thread,
-// chroots, confines that thread (bounding set, no_new_privs, seccomp,
-// label), looks the program up inside and forks the command, whose
-// parent it stays until it exits. So nothing of the tenant's filesystem
-// picks what runs as root (a chroot or a /proc the tenant made would),
-// and the helper, in the host's PID namespace, is never visible to the
+// In the agent's own user namespace, one OS thread of the agent, locked
+// to a goroutine and discarded after (never unlocked, so Go ends it with
+// the goroutine), enters the namespaces through the files it opened and
+// checked against the pidfd, chroots, confines itself (label, bounding
+// set, seccomp, no_new_privs), looks the program up inside and forks the
+// command, which inherits all of it (the PID namespace as "for
+// children"). Nothing privileged is ever exec'd inside the container.
+//
+// A seccomp filter on that thread refuses clone3, which CLONE_INTO_CGROUP
+// needs; where the command must be born in a v2 group, it is started
+// stopped at its exec (ptrace) and moved into the group before it runs a
+// single instruction, then let go.
+//
+// A container in another user namespace is entered through util-linux's
+// nsenter for that one namespace (a Go program, always multi-threaded,
+// cannot enter one), which execs the agent's own binary through a file
+// descriptor the agent holds, by the host's /proc, as the join helper
+// (joinexec.go): it enters the other namespaces itself, forks the command
+// and stays its parent in the host's PID namespace, never visible to the
 // container's processes (which could open its /proc/PID/exe otherwise, as
-// in CVE-2019-5736). A container in another user namespace is entered
-// through util-linux's nsenter for that one namespace (a Go program,
-// always multi-threaded, cannot), which then execs the helper through a
-// file descriptor the agent holds, by the host's /proc.
+// in CVE-2019-5736).
 func joinLaunch(t *target, conf confinement, cg *cgroupPlan) func(*exec.Cmd) error {
 	return func(cmd *exec.Cmd) error {
 		if err := t.check(); err != nil {
@@ -89,41 +98,41 @@ func joinLaunch(t *target, conf confinement, cg *cgroupPlan) func(*exec.Cmd) err
 			return err
 		}
 		attr := cmd.SysProcAttr
+		if sameUser {
+			return onFreshThread(func() error { return startInside(cmd, t, hc, files, cg) })
+		}
 		attr.Credential = nil // the helper needs root to enter; the command gets the credential
-		path, args := "/proc/self/exe", []string{"attach-agent", helperArg}
-		if !sameUser {
-			nsenter, err := exec.LookPath("nsenter")
-			if err != nil {
-				return fmt.Errorf("container: pid %d is in another user namespace, which needs util-linux's nsenter to enter: install it (package util-linux)", t.pid)
-			}
-			user, err := os.Open(fmt.Sprintf("/proc/%d/ns/user", t.pid))
-			if err != nil {
-				return fmt.Errorf("container: pid %d: open its user namespace: %w", t.pid, err)
-			}
-			files = append(files, user)
-			exe, err := os.Open("/proc/self/exe")
-			if err != nil {
-				return fmt.Errorf("container: the agent's own binary: %w", err)
-			}
-			files = append(files, exe)
-			if err := t.check(); err != nil {
-				return err
-			}
-			// nsenter enters the user namespace only (as root there), so
-			// the helper's path is resolved in the host's mount namespace.
-			path, args = nsenter, []string{"nsenter", fmt.Sprintf("--user=/proc/self/fd/%d", 5+len(files)-2),
-				"--", fmt.Sprintf("/proc/self/fd/%d", 5+len(files)-1), helperArg}
-			if c := hc.Cred; c != nil {
-				// The terminal was handed to the uid as the host numbers it;
-				// in the container's namespace that uid is another host uid.
-				if tty, ok := cmd.Stdin.(*os.File); ok && attr.Setctty {
-					hostUID, err := hostID(t.pid, "uid_map", c.Uid)
-					if err != nil {
-						return err
-					}
-					if err := tty.Chown(int(hostUID), -1); err != nil {
-						return fmt.Errorf("container: hand the pty to uid %d: %w", hostUID, err)
-					}
+		nsenter, err := exec.LookPath("nsenter")
+		if err != nil {
+			return fmt.Errorf("container: pid %d is in another user namespace, which needs util-linux's nsenter to enter: install it (package util-linux)", t.pid)
+		}
+		user, err := os.Open(fmt.Sprintf("/proc/%d/ns/user", t.pid))
+		if err != nil {
+			return fmt.Errorf("container: pid %d: open its user namespace: %w", t.pid, err)
+		}
+		files = append(files, user)
+		exe, err := os.Open("/proc/self/exe")
+		if err != nil {
+			return fmt.Errorf("container: the agent's own binary: %w", err)
+		}
+		files = append(files, exe)
+		if err := t.check(); err != nil {
+			return err
+		}
+		// nsenter enters the user namespace only (as root there), so
+		// the helper's path is resolved in the host's mount namespace.
+		path, args := nsenter, []string{"nsenter", fmt.Sprintf("--user=/proc/self/fd/%d", 5+len(files)-2),
+			"--", fmt.Sprintf("/proc/self/fd/%d", 5+len(files)-1), helperArg}
+		if c := hc.Cred; c != nil {
+			// The terminal was handed to the uid as the host numbers it;
+			// in the container's namespace that uid is another host uid.
+			if tty, ok := cmd.Stdin.(*os.File); ok && attr.Setctty {
+				hostUID, err := hostID(t.pid, "uid_map", c.Uid)
+				if err != nil {
+					return err
+				}
+				if err := tty.Chown(int(hostUID), -1); err != nil {
+					return fmt.Errorf("container: hand the pty to uid %d: %w", hostUID, err)
 				}
 			}
 		}
@@ -137,6 +146,94 @@ func joinLaunch(t *target, conf confinement, cg *cgroupPlan) func(*exec.Cmd) err
 			return startHelper(t.setup, cmd, hc, path, args, files)
 		})
 	}
+}
+
+// startInside enters the container on the calling thread (fresh, locked,
+// discarded after), confines it and forks the command there.
+func startInside(cmd *exec.Cmd, t *target, hc helperConfig, files []*os.File, cg *cgroupPlan) error {
+	// While /sys/fs/cgroup is still the agent's.
+	if err := cg.enter(); err != nil {
+		return err
+	}
+	if err := hc.Confine.setLabel(); err != nil { // while /proc is the host's
+		return err
+	}
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return fmt.Errorf("container: unshare fs: %w", err)
+	}
+	for _, ns := range hc.NS {
+		if err := unix.Setns(int(files[ns.FD-5].Fd()), ns.Flag); err != nil {
+			return fmt.Errorf("container: pid %d: enter its %s namespace: %w", t.pid, ns.Name, err)
+		}
+	}
+	if err := unix.Fchdir(int(files[hc.RootFD-5].Fd())); err != nil {
+		return fmt.Errorf("container: pid %d: enter its root: %w", t.pid, err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("container: pid %d: chroot: %w", t.pid, err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return err
+	}
+	path, err := ptyio.Resolve(cmd.Args[0], cmd.Env, cmd.Dir)
+	if err != nil {
+		return err
+	}
+	cmd.Path = path
+	if err := hc.Confine.apply(hc.Root); err != nil {
+		return fmt.Errorf("container: pid %d: confine as the container: %w", t.pid, err)
+	}
+	attr := cmd.SysProcAttr
+	if !hc.Confine.Seccomp || cg.v2fd < 0 {
+		cg.apply(attr)
+		return cmd.Start()
+	}
+	procs, err := unix.Openat(cg.v2fd, "cgroup.procs", unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("container: pid %d: its v2 cgroup: %w", t.pid, err)
+	}
+	defer func() { _ = unix.Close(procs) }() // best effort
+	attr.Ptrace = true
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	pid := cmd.Process.Pid
+	abort := func(err error) error {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		_, _ = cmd.Process.Wait()
+		return err
+	}
+	// Stopped at its exec (SIGTRAP), before the program's first
+	// instruction.
+	var ws unix.WaitStatus
+	for {
+		_, err := unix.Wait4(pid, &ws, unix.WALL, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return abort(fmt.Errorf("container: wait for the command's exec: %w", err))
+		}
+		break
+	}
+	if !ws.Stopped() {
+		return abort(fmt.Errorf("container: the command did not stop at its exec (status %v)", ws))
+	}
+	// The move is written from another thread, in the agent's own cgroup
+	// namespace (this one's is the container's, where the agent's group,
+	// the command's source, is not to be seen).
+	moved := make(chan error, 1)
+	go func() {
+		_, err := unix.Write(procs, []byte(strconv.Itoa(pid)))
+		moved <- err
+	}()
+	if err := <-moved; err != nil {
+		return abort(fmt.Errorf("container: pid %d: move the command into its v2 cgroup: %w", t.pid, err))
+	}
+	if err := unix.PtraceDetach(pid); err != nil {
+		return abort(fmt.Errorf("container: let the command go: %w", err))
+	}
+	return nil
 }
 
 // onFreshThread runs fn on an OS thread of its own that is discarded

@@ -107,6 +107,11 @@ func sandboxLaunch(sc setupCtx, s Spec, cg *cgroup, scratch string, lifeline **o
 		if cfg.NoNet {
 			attr.Cloneflags |= syscall.CLONE_NEWNET
 		}
+		if cg != nil && cg.v2fd >= 0 {
+			// Born there (clone3's CLONE_INTO_CGROUP): a move after the
+			// start costs the kernel an RCU grace period, 5-15 ms here.
+			attr.UseCgroupFD, attr.CgroupFD = true, cg.v2fd
+		}
 		err = cmd.Start()
 		_, _ = cfgR.Close(), statW.Close() // the init's ends
 		if errors.Is(err, syscall.EPERM) {
@@ -118,7 +123,8 @@ func sandboxLaunch(sc setupCtx, s Spec, cg *cgroup, scratch string, lifeline **o
 		// Into the cgroup before the init reads its config, so the command
 		// and all it forks are counted.
 		if cg != nil {
-			if err := cg.add(cmd.Process.Pid); err != nil {
+			// The v1 groups (limits a v1 hierarchy gives) by a move.
+			if err := cg.addV1(cmd.Process.Pid); err != nil {
 				return abortInit(cmd, err)
 			}
 		}

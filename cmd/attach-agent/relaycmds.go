@@ -81,6 +81,13 @@ func runRendezvous(ctx context.Context, args []string, io stdio) (int, error) {
 	fs.DurationVar(&pairT, "pair-timeout", rendezvous.DefaultPairTimeout, "how long one side waits for the other")
 	fs.IntVar(&maxUnpaired, "max-unpaired", rendezvous.DefaultMaxUnpaired, "connections that may wait for a partner at once")
 	fs.DurationVar(&grace, "shutdown-grace", 30*time.Second, "on SIGTERM, how long open pairs may go on before they are cut")
+	var maxConns, perSource, unpairedPerSource int
+	var spliceIdle, spliceStall time.Duration
+	fs.IntVar(&maxConns, "max-conns", rendezvous.DefaultMaxConns, "open connections in all; more are closed at accept")
+	fs.IntVar(&perSource, "max-conns-per-source", rendezvous.DefaultMaxConnsPerSource, "open connections from one source address")
+	fs.IntVar(&unpairedPerSource, "max-unpaired-per-source", rendezvous.DefaultMaxUnpairedPerSource, "connections from one source address that may wait for a partner")
+	fs.DurationVar(&spliceIdle, "splice-idle", rendezvous.DefaultSpliceIdle, "a pair that moves nothing either way this long is ended")
+	fs.DurationVar(&spliceStall, "splice-stall", rendezvous.DefaultSpliceStall, "a pair one of whose sides reads nothing this long (a write made no progress) is ended")
 	if err := parse(fs, args); err != nil {
 		return exitUsage, err
 	}
@@ -102,10 +109,13 @@ func runRendezvous(ctx context.Context, args []string, io stdio) (int, error) {
 		return exitUsage, usagef("give both --cert and --key")
 	case firstLine <= 0 || pairT <= 0 || maxUnpaired <= 0 || grace < 0:
 		return exitUsage, usagef("--first-line-timeout, --pair-timeout and --max-unpaired must be positive")
+	case maxConns <= 0 || perSource <= 0 || unpairedPerSource <= 0 || spliceIdle <= 0 || spliceStall <= 0:
+		return exitUsage, usagef("--max-conns, --max-conns-per-source, --max-unpaired-per-source, --splice-idle and --splice-stall must be positive")
 	}
 	log := slog.New(slog.NewTextHandler(io.err, nil))
 	r := &rendezvous.Relay{Plain: plain, Coalesce: coalesce, FirstLineTimeout: firstLine, PairTimeout: pairT,
-		MaxUnpaired: maxUnpaired, Logger: log}
+		MaxUnpaired: maxUnpaired, MaxConns: maxConns, MaxConnsPerSource: perSource, MaxUnpairedPerSource: unpairedPerSource,
+		SpliceIdle: spliceIdle, SpliceStall: spliceStall, Logger: log}
 	if cert != "" {
 		pair, err := tls.LoadX509KeyPair(cert, key)
 		if err != nil {
