@@ -4,9 +4,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // The device allowlist, in each form this host offers (the v1 devices
@@ -89,5 +91,51 @@ func TestDefaultFilterAssembles(t *testing.T) {
 	}
 	if len(prog) < len(deniedSyscalls)+8 {
 		t.Errorf("%d instructions for %d denied calls", len(prog), len(deniedSyscalls))
+	}
+}
+
+// A v1 group lists the agent itself while the thread that moved in to
+// start a command is on its way out: ending the group never kills the
+// agent, and waits (bounded) for that thread to leave.
+func TestReleaseSparesTheAgent(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	mounts, err := cgroupMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dir string
+	for _, m := range mounts {
+		if !m.v2 && m.root == "/" && m.opts["pids"] {
+			dir = filepath.Join(m.dir, cgroupParent, groupName("test"))
+		}
+	}
+	if dir == "" {
+		t.Skip("no v1 pids hierarchy: threads move only there")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	in, leave := make(chan error, 1), make(chan struct{})
+	go func() {
+		_ = onFreshThread(func() error { // a thread of its own, ended after, as start's
+			in <- os.WriteFile(filepath.Join(dir, "tasks"), []byte(strconv.Itoa(syscall.Gettid())), 0)
+			<-leave
+			return nil
+		})
+	}()
+	if err := <-in; err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- (&cgroup{dirs: []string{dir}, v2fd: -1}).release() }()
+	time.Sleep(50 * time.Millisecond) // release runs while the thread is in (the race it must survive)
+	close(leave)
+	if err := <-done; err != nil {
+		t.Errorf("release: %v", err)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Error("the group is still there")
 	}
 }

@@ -307,7 +307,8 @@ func (cg *cgroup) kill(deadline time.Time) {
 			_ = os.WriteFile(freeze, []byte("0"), 0)
 		}
 	}
-	if cg.freezer != "" && populated(cg.freezer) {
+	// Never freeze the agent's own thread that may still be in the group.
+	if cg.freezer != "" && populated(cg.freezer) && !holdsAgent(cg.freezer) {
 		state := filepath.Join(cg.freezer, "freezer.state")
 		if os.WriteFile(state, []byte("FROZEN"), 0) == nil {
 			for time.Now().Before(deadline) {
@@ -346,19 +347,35 @@ func removeGroup(dir string, deadline time.Time) error {
 	}
 }
 
-func populated(dir string) bool {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	return err == nil && len(strings.TrimSpace(string(b))) > 0
-}
-
-func killAll(dir string) {
+// members are the processes in dir's group other than the agent itself:
+// a v1 group also lists the agent while the thread that moved itself in
+// to start the command (see start) has not yet exited, and that thread
+// is not the session's to kill (nor its death ours to wait for).
+func members(dir string) []int {
 	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
 	if err != nil {
-		return
+		return nil
 	}
+	var out []int
 	for _, f := range strings.Fields(string(b)) {
-		if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
-			_ = syscall.Kill(pid, syscall.SIGKILL) // gone already is fine
+		if pid, err := strconv.Atoi(f); err == nil && pid > 0 && pid != os.Getpid() {
+			out = append(out, pid)
 		}
 	}
+	return out
+}
+
+func populated(dir string) bool { return len(members(dir)) > 0 }
+
+func killAll(dir string) {
+	for _, pid := range members(dir) {
+		_ = syscall.Kill(pid, syscall.SIGKILL) // gone already is fine
+	}
+}
+
+// holdsAgent reports whether the agent itself (a thread on its way out)
+// is still in dir's group.
+func holdsAgent(dir string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	return err == nil && containsWord(string(b), strconv.Itoa(os.Getpid()))
 }
