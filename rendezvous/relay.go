@@ -459,6 +459,9 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 		if sc := r.bySource[src]; sc != nil {
 			sc.unpaired++
 		}
+		// Armed before a partner can claim it (under mu): the claim's
+		// deadline in the past must not be overwritten by this one.
+		_ = s.conn.SetReadDeadline(time.Now().Add(orDur(r.PairTimeout, DefaultPairTimeout)))
 		r.mu.Unlock()
 		r.wait(sl, secret, fp)
 		return
@@ -496,7 +499,6 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 // waits for the splice to end.
 func (r *Relay) wait(sl *slot, secret, fp string) {
 	a := sl.a
-	_ = a.conn.SetReadDeadline(time.Now().Add(orDur(r.PairTimeout, DefaultPairTimeout)))
 	buf := make([]byte, 4<<10)
 	reason := ""
 	for reason == "" {
