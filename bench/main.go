@@ -232,20 +232,10 @@ func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds in
 	if tests["setup"] {
 		// Alternating, so that the machine's drift over the run falls on
 		// both alike.
-		var d [2][]time.Duration
 		modes := []string{"agent", "ref"}
-		for i := range 2 * setups {
-			m := (i + i/2) % 2 // agent, ref, ref, agent, agent, ref, ...
-			v, err := e.setup(modes[m])
-			if err != nil {
-				return fmt.Errorf("setup %s: %w", modes[m], err)
-			}
-			d[m] = append(d[m], v)
-		}
-		var st [2]time.Duration
-		for m := range d {
-			sort.Slice(d[m], func(i, j int) bool { return d[m][i] < d[m][j] })
-			st[m] = d[m][len(d[m])/2]
+		st, err := alternating(setups, func(m int) (time.Duration, error) { return e.setup(modes[m]) })
+		if err != nil {
+			return fmt.Errorf("setup: %w", err)
 		}
 		fmt.Printf("setup (agent process start to first output byte at a waiting client, median of %d each, alternating)\n", setups)
 		fmt.Printf("  reference agent                  %8v\n", st[1])
@@ -255,25 +245,36 @@ func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds in
 		// A client's setup (connect, TLS, secret, ack) with its partner
 		// already waiting: Go's client (TCP_NODELAY) and one with Nagle's
 		// algorithm on, as Python's ssl module is, alternating.
-		var d [2][]time.Duration
-		for i := range 2 * setups {
-			m := (i + i/2) % 2
-			v, err := e.clientSetup(m == 1)
-			if err != nil {
-				return fmt.Errorf("client setup: %w", err)
-			}
-			d[m] = append(d[m], v)
-		}
-		var st [2]time.Duration
-		for m := range d {
-			sort.Slice(d[m], func(i, j int) bool { return d[m][i] < d[m][j] })
-			st[m] = d[m][len(d[m])/2]
+		st, err := alternating(setups, func(m int) (time.Duration, error) { return e.clientSetup(m == 1) })
+		if err != nil {
+			return fmt.Errorf("client setup: %w", err)
 		}
 		fmt.Printf("client setup through the relay, partner waiting (median of %d each, alternating)\n", setups)
 		fmt.Printf("  TCP_NODELAY (Go's client)        %8v\n", st[0])
 		fmt.Printf("  Nagle on (Python's ssl client)   %8v   %.2fx (target <= 1.1)\n", st[1], float64(st[1])/float64(st[0]))
 	}
 	return nil
+}
+
+// alternating runs f for two variants (0 and 1) n times each, in the
+// order 0 1 1 0 0 1 ..., so that the machine's drift falls on both alike,
+// and returns each one's median.
+func alternating(n int, f func(variant int) (time.Duration, error)) ([2]time.Duration, error) {
+	var d [2][]time.Duration
+	var med [2]time.Duration
+	for i := range 2 * n {
+		m := (i + i/2) % 2
+		v, err := f(m)
+		if err != nil {
+			return med, err
+		}
+		d[m] = append(d[m], v)
+	}
+	for m := range d {
+		sort.Slice(d[m], func(i, j int) bool { return d[m][i] < d[m][j] })
+		med[m] = d[m][len(d[m])/2]
+	}
+	return med, nil
 }
 
 // clientSetup times one client's connect, TLS handshake, secret line and

@@ -161,10 +161,8 @@ func startInside(cmd *exec.Cmd, t *target, hc helperConfig, files []*os.File, cg
 	if err := unix.Unshare(unix.CLONE_FS); err != nil {
 		return fmt.Errorf("container: unshare fs: %w", err)
 	}
-	for _, ns := range hc.NS {
-		if err := unix.Setns(int(files[ns.FD-5].Fd()), ns.Flag); err != nil {
-			return fmt.Errorf("container: pid %d: enter its %s namespace: %w", t.pid, ns.Name, err)
-		}
+	if err := enterNS(t, hc, files); err != nil {
+		return err
 	}
 	if err := unix.Fchdir(int(files[hc.RootFD-5].Fd())); err != nil {
 		return fmt.Errorf("container: pid %d: enter its root: %w", t.pid, err)
@@ -232,6 +230,32 @@ func startInside(cmd *exec.Cmd, t *target, hc helperConfig, files []*os.File, cg
 	}
 	if err := unix.PtraceDetach(pid); err != nil {
 		return abort(fmt.Errorf("container: let the command go: %w", err))
+	}
+	return nil
+}
+
+// enterNS enters the target's namespaces: all at once through its pidfd
+// where the kernel allows (Linux 5.8), else one by one through the files
+// opened from /proc/PID/ns and checked against the pidfd after.
+func enterNS(t *target, hc helperConfig, files []*os.File) error {
+	flags := 0
+	for _, ns := range hc.NS {
+		flags |= ns.Flag
+	}
+	if flags == 0 {
+		return nil
+	}
+	err := unix.Setns(t.pidfd, flags)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("container: pid %d: enter its namespaces: %w", t.pid, err)
+	}
+	for _, ns := range hc.NS {
+		if err := unix.Setns(int(files[ns.FD-5].Fd()), ns.Flag); err != nil {
+			return fmt.Errorf("container: pid %d: enter its %s namespace: %w", t.pid, ns.Name, err)
+		}
 	}
 	return nil
 }

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/attach-agent/attach-agent/ptyio"
 )
 
 // Identity is who a command runs as, resolved from passwd and group files.
@@ -134,7 +136,7 @@ func (id Identity) Credential() *syscall.Credential {
 func (id Identity) Env(env []string) []string {
 	out := append([]string(nil), env...)
 	add := func(k, v string) {
-		if v != "" && !hasKey(out, k) {
+		if v != "" && !ptyio.HasKey(out, k) {
 			out = append(out, k+"="+v)
 		}
 	}
@@ -185,13 +187,4 @@ func readColonFile(r *root, rel string, n int) ([][]string, error) {
 		}
 	}
 	return out, nil
-}
-
-func hasKey(env []string, key string) bool {
-	for _, kv := range env {
-		if k, _, _ := strings.Cut(kv, "="); k == key {
-			return true
-		}
-	}
-	return false
 }

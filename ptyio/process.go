@@ -372,7 +372,7 @@ func (p *Process) Close() error {
 func withDefaults(spec Spec) []string {
 	out := append([]string(nil), spec.Env...)
 	add := func(k, v string) {
-		if !hasKey(out, k) {
+		if !HasKey(out, k) {
 			out = append(out, k+"="+v)
 		}
 	}
@@ -397,7 +397,8 @@ func size(spec Spec) (cols, rows uint16) {
 	return cols, rows
 }
 
-func hasKey(env []string, key string) bool {
+// HasKey reports whether env (KEY=VALUE entries) sets key.
+func HasKey(env []string, key string) bool {
 	for _, kv := range env {
 		if k, _, _ := strings.Cut(kv, "="); k == key {
 			return true

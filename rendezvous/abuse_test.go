@@ -61,19 +61,27 @@ func TestJunkFromOneAddressLocksNobodyOut(t *testing.T) {
 	}
 }
 
+// waitAlone connects to a plain relay, sends first (its secret line and
+// anything after it) and returns once the relay has it waiting.
+func waitAlone(t *testing.T, r *rendezvous.Relay, first string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", r.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(c, first); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "waiter registered", func() bool { return r.Waiting() == 1 })
+	return c
+}
+
 // A side whose client closes while it waits is freed at once, and never
 // paired with the next one to come.
 func TestWaitingSideThatClosesIsFreed(t *testing.T) {
 	r := &rendezvous.Relay{Plain: true, PairTimeout: time.Minute}
 	e := start(t, r)
-	c, err := net.Dial("tcp", r.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.WriteString(c, "gone-early\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "waiter registered", func() bool { return r.Waiting() == 1 })
+	c := waitAlone(t, r, "gone-early\r\n")
 	_ = c.Close()
 	waitFor(t, "waiter freed long before the pair timeout", func() bool { return r.Waiting() == 0 && r.Stats().Unpaired == 1 })
 	e.dial.Plain = true
@@ -88,15 +96,8 @@ func TestWaitingSideThatClosesIsFreed(t *testing.T) {
 func TestEarlyBytesReachThePartner(t *testing.T) {
 	r := &rendezvous.Relay{Plain: true}
 	e := start(t, r)
-	c, err := net.Dial("tcp", r.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := waitAlone(t, r, "early-bird\r\nsent before the pair")
 	defer c.Close()
-	if _, err := io.WriteString(c, "early-bird\r\nsent before the pair"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "waiter registered", func() bool { return r.Waiting() == 1 })
 	u := e.url
 	u.Secret = "early-bird"
 	e.dial.Plain = true
