@@ -101,9 +101,20 @@ func (a Access) check(spec Spec) error {
 		return &PolicyError{"a privileged sandbox", "--allow-privileged"}
 	}
 	if ctr.Rootfs != "" && len(a.RootfsUnder) > 0 {
+		// Links resolved, so that DIR/link -> /etc or DIR/link/.. is not
+		// taken for a path below DIR. (A caller who may write below DIR
+		// could still swap a link in before the mount: such a DIR must
+		// not be writable by callers.)
+		rootfs, err := filepath.EvalSymlinks(ctr.Rootfs)
+		if err != nil {
+			return &PolicyError{fmt.Sprintf("rootfs %s: %v", ctr.Rootfs, err), "--rootfs-under"}
+		}
 		in := false
 		for _, dir := range a.RootfsUnder {
-			rel, err := filepath.Rel(filepath.Clean(dir), filepath.Clean(ctr.Rootfs))
+			if d, err := filepath.EvalSymlinks(dir); err == nil {
+				dir = d
+			}
+			rel, err := filepath.Rel(filepath.Clean(dir), rootfs)
 			if err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../") {
 				in = true
 			}
@@ -116,8 +127,8 @@ func (a Access) check(spec Spec) error {
 }
 
 func isRootSpec(user string) bool {
-	u, _, _ := strings.Cut(user, ":")
-	return u == "" || u == "root" || u == "0"
+	u, g, _ := strings.Cut(user, ":")
+	return u == "" || u == "root" || u == "0" || g == "root" || g == "0"
 }
 
 var errNoCaller = errors.New("the control API takes requests on its unix socket only: no peer credentials on this connection")

@@ -508,3 +508,24 @@ func TestPanicEndsOneSession(t *testing.T) {
 		})
 	}
 }
+
+// --rootfs-under sees through links: a link below the directory to a host
+// path, or a path that climbs out through one, is outside it.
+func TestAPIRootfsUnderResolvesLinks(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Symlink("/etc", filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "image"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	a := agent.Access{UIDs: []uint32{uint32(os.Getuid())}, AllowRootUser: true, RootfsUnder: []string{dir}}
+	d := newDaemonWith(t, agent.ManagerConfig{}, a)
+	u := d.env.URL("links")
+	for _, rootfs := range []string{filepath.Join(dir, "link"), filepath.Join(dir, "link/../etc")} {
+		body := fmt.Sprintf(`{"attach_url": %q, "command": "true", "container": {"rootfs": %q}}`, "rendezvous://"+u.Addr()+"/links", rootfs)
+		if code, v := d.do(t, "POST", "/v1/sessions", body); code != http.StatusForbidden || !strings.Contains(fmt.Sprint(v["error"]), "--rootfs-under") {
+			t.Errorf("rootfs %s: %d %v, want 403 naming --rootfs-under", rootfs, code, v)
+		}
+	}
+}

@@ -127,6 +127,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		// Last of all (the setup's release has run): the stream closes
 		// here, after an internal error is told on it.
 		if conn != nil {
+			defer func() { _ = conn.Close() }() // best effort: ptyio closes it too
 		}
 		err := ptyio.Recovered("session", recover())
 		if err == nil {
@@ -189,6 +190,9 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		}
 		// After the process and its sandbox are gone: whatever is left
 		// in the session's cgroups is killed at once.
+		if release == nil { // the setup panicked
+			return
+		}
 		if err := release(); err != nil {
 			log.Warn("session cleanup", "secret_fp", spec.URL.Fingerprint(), "err", err.Error())
 		}
@@ -233,8 +237,8 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		return res
 	}
 	if err = applyErr; err == nil && spec.DenyRoot {
-		if c := ps.SysProcAttr; c == nil || c.Credential == nil || c.Credential.Uid == 0 {
-			err = &PolicyError{"running the command as root (the container's passwd makes " + orAgent(spec.User) + " uid 0)", "--allow-root-user"}
+		if c := ps.SysProcAttr; c == nil || c.Credential == nil || c.Credential.Uid == 0 || c.Credential.Gid == 0 {
+			err = &PolicyError{"running the command as root (the container's files make " + orAgent(spec.User) + " uid or gid 0)", "--allow-root-user"}
 		}
 	}
 	if err == nil {

@@ -285,7 +285,9 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			ps.process = processExited
 			step("exited")
 			owed := int64(queued(p.master, unix.TIOCINQ)) // FIONREAD for a pipe
-			if p.tty {
+			if p.tty && owed > 0 {
+				// A full line discipline buffer can have more behind it; an
+				// empty one at the exit does not stretch the drain.
 				owed += ttyBufferSlack
 			}
 			s.owed.Store(owed)

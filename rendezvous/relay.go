@@ -41,12 +41,17 @@ const (
 	DefaultMaxConnsPerSource    = 4096
 	DefaultMaxUnpairedPerSource = 1024
 	// DefaultSpliceIdle ends a spliced pair that moved nothing either way
-	// for this long; DefaultSpliceStall one whose write made no progress.
-	DefaultSpliceIdle  = time.Hour
-	DefaultSpliceStall = 2 * time.Minute
+	// for this long: past the agent's longest idle timeout (24 h), since
+	// the Heroku wire has no keepalive and an idle shell is no fault.
+	// DefaultSpliceStall ends one that could not write to a side for this
+	// long: longer than a command that reads its stdin late (sleep, then
+	// cat) leaves piped input waiting.
+	DefaultSpliceIdle  = 25 * time.Hour
+	DefaultSpliceStall = 10 * time.Minute
 	// maxEarly bounds what a waiting side may send before it is paired
-	// (kept, and passed on after the acks).
-	maxEarly = 64 << 10
+	// (kept, and passed on after the acks): a line or two of typed input,
+	// not a budget a flood of waiting sides could turn into gigabytes.
+	maxEarly = 4 << 10
 	// RecordSize is the largest TLS record payload; Coalesce fills records
 	// to it the way some load balancers do.
 	RecordSize = 16 << 10
@@ -341,9 +346,14 @@ func (r *Relay) untrack(c net.Conn) {
 	r.wg.Done()
 }
 
-// sourceOf is a connection's source address without its port.
+// sourceOf is a connection's source address without its port; an IPv6
+// address counts by its /64, which one host or user is routinely given
+// whole.
 func sourceOf(c net.Conn) string {
 	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		if a.IP.To4() == nil {
+			return a.IP.Mask(net.CIDRMask(64, 128)).String() + "/64"
+		}
 		return a.IP.String()
 	}
 	return c.RemoteAddr().String()
@@ -499,7 +509,7 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 // waits for the splice to end.
 func (r *Relay) wait(sl *slot, secret, fp string) {
 	a := sl.a
-	buf := make([]byte, 4<<10)
+	buf := make([]byte, 512)
 	reason := ""
 	for reason == "" {
 		n, err := a.conn.Read(buf)
@@ -639,6 +649,7 @@ func (r *Relay) pair(sl *slot, fp string) {
 			r.log().Info("relay: passing on early bytes failed", "secret_fp", fp, "err", err)
 			return
 		}
+		sl.early = nil
 	}
 	_ = a.conn.SetReadDeadline(time.Time{})
 	_ = a.conn.SetWriteDeadline(time.Time{})

@@ -417,6 +417,16 @@ func TestNeedsRoot(t *testing.T) {
 	}
 }
 
+// A URL both in the environment and as an argument is refused: the
+// argument would otherwise be taken for the command and named in errors.
+func TestAttachURLGivenTwice(t *testing.T) {
+	t.Setenv("ATTACH_URL", "rendezvous://127.0.0.1:1/env-secret")
+	code, _, stderr := runCLI("attach", "rendezvous://127.0.0.1:1/arg-secret", "--", "true")
+	if code != exitUsage || !strings.Contains(stderr, "given twice") || strings.Contains(stderr, "secret") {
+		t.Errorf("exit %d, stderr %q: want a usage error without the secret", code, stderr)
+	}
+}
+
 // The attach URL is the session's secret: passed the safe ways, it is in
 // no process's command line, neither attach's, connect's nor their
 // children's, while the session runs.

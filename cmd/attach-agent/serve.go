@@ -46,12 +46,12 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	fs.StringVar(&logFormat, "log-format", "auto", "journald, text, json, or auto (journald when stderr is the journal)")
 	fs.IntVar(&maxSessions, "max-sessions", 1000, "sessions running at once; more get 429")
 	access := agent.DefaultAccess()
-	fs.Func("allow-uid", "a `UID` that may use the control API (repeatable; default: root)", func(v string) error {
+	fs.Func("allow-uid", "a `UID` that may use the control API (repeatable; with neither this nor --allow-gid: root and the control socket's group)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)
 		access.UIDs = append(access.UIDs, uint32(n))
 		return err
 	})
-	fs.Func("allow-gid", "a `GID` whose members (by primary group) may use the control API (repeatable; default: the control socket's group)", func(v string) error {
+	fs.Func("allow-gid", "a `GID` whose members (by primary group) may use the control API (repeatable)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)
 		access.GIDs = append(access.GIDs, uint32(n))
 		return err
@@ -146,10 +146,8 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	if err != nil {
 		return exitFailure, err
 	}
-	if len(access.UIDs) == 0 {
+	if len(access.UIDs) == 0 && len(access.GIDs) == 0 {
 		access.UIDs = []uint32{0}
-	}
-	if len(access.GIDs) == 0 {
 		// The socket's group: who the unit (SocketGroup=) or the operator
 		// let reach it.
 		if st, err := os.Stat(ln.Addr().String()); err == nil {

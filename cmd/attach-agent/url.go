@@ -29,6 +29,11 @@ func (u *urlSource) register(fs *flagSet) {
 // ATTACH_URL, so nothing this process starts inherits it.
 func (u *urlSource) resolve(args []string, positional bool, in io.Reader, stderr io.Writer) (tlsdial.URL, []string, error) {
 	raw, from := "", ""
+	if positional && len(args) > 0 && (u.file != "" || os.Getenv(urlEnv) != "") {
+		// It would otherwise be taken for the command, and named in its
+		// errors: a secret in the logs.
+		return tlsdial.URL{}, args, usagef("the attach URL is given twice: as an argument and in %s or --url-file; drop the argument", urlEnv)
+	}
 	switch {
 	case u.file != "":
 		var r io.Reader = in
