@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strings"
+	"time"
 	"unicode"
 
 	"github.com/coreos/go-systemd/v22/journal"
@@ -22,9 +23,19 @@ type JournalSender func(message string, priority journal.Priority, fields map[st
 type JournalHandler struct {
 	send   JournalSender
 	level  slog.Leveler
-	attrs  []slog.Attr
-	prefix string
+	attrs  []groupedAttr // from WithAttrs, each with the groups open then
+	groups []string      // from WithGroup
+	// name joins a field's groups and key into its name: UPPER_SNAKE for
+	// journald (fieldName of the parts joined by "_").
+	name func(path []string) string
 }
+
+type groupedAttr struct {
+	groups []string
+	attr   slog.Attr
+}
+
+func journalName(path []string) string { return fieldName(strings.Join(path, "_")) }
 
 // NewJournalHandler sends through send (nil: journal.Send) at level and above.
 func NewJournalHandler(send JournalSender, level slog.Leveler) *JournalHandler {
@@ -34,7 +45,7 @@ func NewJournalHandler(send JournalSender, level slog.Leveler) *JournalHandler {
 	if level == nil {
 		level = slog.LevelInfo
 	}
-	return &JournalHandler{send: send, level: level}
+	return &JournalHandler{send: send, level: level, name: journalName}
 }
 
 // Enabled implements slog.Handler.
@@ -42,21 +53,32 @@ func (h *JournalHandler) Enabled(_ context.Context, l slog.Level) bool { return 
 
 // Handle implements slog.Handler.
 func (h *JournalHandler) Handle(_ context.Context, r slog.Record) error {
-	fields := make(map[string]string, len(h.attrs)+r.NumAttrs())
-	add := func(prefix string, a slog.Attr) {}
-	add = func(prefix string, a slog.Attr) {
-		if a.Value.Kind() == slog.KindGroup {
+	fields := make(map[string]string, len(h.attrs)+r.NumAttrs()+1)
+	var add func(path []string, a slog.Attr)
+	add = func(path []string, a slog.Attr) {
+		a.Value = a.Value.Resolve()
+		switch {
+		case a.Equal(slog.Attr{}):
+			return // the empty attribute: nothing
+		case a.Value.Kind() == slog.KindGroup:
+			if a.Key != "" { // an unnamed group's attributes are inlined
+				path = append(path[:len(path):len(path)], a.Key)
+			}
 			for _, g := range a.Value.Group() {
-				add(prefix+a.Key+"_", g)
+				add(path, g)
 			}
 			return
 		}
-		fields[fieldName(prefix+a.Key)] = a.Value.Resolve().String()
+		fields[h.name(append(path[:len(path):len(path)], a.Key))] = a.Value.String()
 	}
-	for _, a := range h.attrs {
-		add(h.prefix, a)
+	for _, ga := range h.attrs {
+		add(ga.groups, ga.attr)
 	}
-	r.Attrs(func(a slog.Attr) bool { add(h.prefix, a); return true })
+	if !r.Time.IsZero() {
+		// The record's own time (journald stamps its arrival too).
+		fields[h.name([]string{slog.TimeKey})] = r.Time.Format(time.RFC3339Nano)
+	}
+	r.Attrs(func(a slog.Attr) bool { add(h.groups, a); return true })
 	if _, ok := fields["SYSLOG_IDENTIFIER"]; !ok {
 		fields["SYSLOG_IDENTIFIER"] = SyslogIdentifier // journalctl -t attach-agent
 	}
@@ -64,16 +86,23 @@ func (h *JournalHandler) Handle(_ context.Context, r slog.Record) error {
 }
 
 // WithAttrs implements slog.Handler.
+// Attributes added before a group keep their own (outer) groups.
 func (h *JournalHandler) WithAttrs(as []slog.Attr) slog.Handler {
 	c := *h
-	c.attrs = append(append([]slog.Attr(nil), h.attrs...), as...)
+	c.attrs = append([]groupedAttr(nil), h.attrs...)
+	for _, a := range as {
+		c.attrs = append(c.attrs, groupedAttr{groups: h.groups, attr: a})
+	}
 	return &c
 }
 
-// WithGroup implements slog.Handler.
+// WithGroup implements slog.Handler; an empty name is no group.
 func (h *JournalHandler) WithGroup(name string) slog.Handler {
+	if name == "" {
+		return h
+	}
 	c := *h
-	c.prefix = h.prefix + name + "_"
+	c.groups = append(h.groups[:len(h.groups):len(h.groups)], name)
 	return &c
 }
 
