@@ -128,11 +128,18 @@ func TestReleaseSparesTheAgent(t *testing.T) {
 	if err := <-in; err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- (&cgroup{dirs: []string{dir}, v2fd: -1}).release() }()
-	time.Sleep(50 * time.Millisecond) // release runs while the thread is in (the race it must survive)
+	cg := &cgroup{dirs: []string{dir}, v2fd: -1}
+	if !holdsAgent(dir) {
+		t.Fatal("the group does not list the agent: the test would show nothing")
+	}
+	// The kill, while the agent's thread is in the group: the agent lives
+	// on (this test goes on), and the group is not taken for the tenant's.
+	cg.kill(time.Now().Add(killBound))
+	if populated(dir) {
+		t.Error("the group counts the agent's own thread as a member")
+	}
 	close(leave)
-	if err := <-done; err != nil {
+	if err := cg.release(); err != nil { // waits (bounded) for the thread to leave
 		t.Errorf("release: %v", err)
 	}
 	if _, err := os.Stat(dir); err == nil {
