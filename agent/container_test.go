@@ -940,7 +940,7 @@ func TestHostSessionLeavesNothing(t *testing.T) {
 func ownCgroups(kind string) []string {
 	var groups []string
 	for _, c := range []string{"pids", "memory", "unified", ""} {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("%s-%d-*", kind, os.Getpid())))
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", c, "attach-agent", fmt.Sprintf("%s-%d.*-*", kind, os.Getpid())))
 		groups = append(groups, m...)
 	}
 	return groups

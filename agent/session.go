@@ -1,8 +1,10 @@
 // Package agent runs attach sessions: dial the relay, wait for the pair,
 // start the process (only then), pump, drain, and report one result with
 // one reason. It wires tlsdial (the stream) to ptyio (the process and the
-// pump) and owns the session's log line; the daemon's manager and control
-// API build on it.
+// pump) and says how it ended, with one reason; the daemon (package
+// daemon) runs each session in a worker process of its own on top of it.
+// It touches the relay connection, the process and its container, never
+// HTTP, metrics or a state directory.
 package agent
 
 import (
@@ -68,6 +70,10 @@ type Spec struct {
 	Caller *Caller
 	// ID names the session to its client in an internal error's notice.
 	ID string
+	// Started, when set, is called with the command's pid once it runs
+	// (its process group has the same id), so that the caller can end
+	// what is left if this process is killed.
+	Started func(pid int)
 	// Fault, for tests, is called at named points of the session
 	// ("started", then the pump's "input" and "output"). Nil in
 	// production.
@@ -100,7 +106,8 @@ type Result struct {
 
 // Run runs one session to its end. The context ends it early: cancel it
 // with ptyio.ErrShutdown as the cause for reason shutdown, anything else
-// for killed. log receives one line at the end (and warnings); nil: none.
+// for killed. log receives warnings (nil: none); the one line at the end
+// is the caller's, with LogResult, once it knows the session is over.
 //
 // A panic in the session's own goroutines (the pump's, the setup's) ends
 // this session alone, as agent_error, its process group killed and the
@@ -116,7 +123,6 @@ func Run(ctx context.Context, spec Spec, log *slog.Logger) Result {
 	if errors.As(res.Err, &pe) {
 		log.Error("session panic", "secret_fp", spec.URL.Fingerprint(), "where", pe.Where, "panic", fmt.Sprint(pe.Value), "stack", string(pe.Stack))
 	}
-	logResult(log, spec, res)
 	return res
 }
 
@@ -261,6 +267,9 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		return res
 	}
 	res.Started = true
+	if spec.Started != nil {
+		spec.Started(proc.Pid())
+	}
 	if spec.Fault != nil {
 		spec.Fault("started")
 	}
@@ -322,9 +331,31 @@ func orAgent(user string) string {
 	return user
 }
 
-func logResult(log *slog.Logger, spec Spec, r Result) {
+// About is what a session's end line says of it besides the result: never
+// the secret, only its fingerprint.
+type About struct {
+	SecretFP  string            `json:"secret_fp"`
+	Relay     string            `json:"relay"`
+	User      string            `json:"user,omitempty"`
+	Container string            `json:"container,omitempty"`
+	Caller    *Caller           `json:"caller,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
+}
+
+// About describes the session for its end line.
+func (s Spec) About() About {
+	a := About{SecretFP: s.URL.Fingerprint(), Relay: s.URL.Addr(), User: s.User, Caller: s.Caller, Labels: s.Labels}
+	if !s.Container.IsZero() {
+		a.Container = s.Container.String()
+	}
+	return a
+}
+
+// LogResult writes the session's one end line ("session ended"): info
+// for an exit, a warning for every other reason.
+func LogResult(log *slog.Logger, a About, r Result) {
 	attrs := []any{
-		"secret_fp", spec.URL.Fingerprint(), "relay", spec.URL.Addr(), "reason", string(r.Reason),
+		"secret_fp", a.SecretFP, "relay", a.Relay, "reason", string(r.Reason),
 		"exit_code", r.ExitCode, "bytes_in", r.BytesIn, "bytes_out", r.BytesOut,
 		"duration_ms", ms(r.Timings.Total), "dial_ms", ms(r.Timings.Dial), "tls_ms", ms(r.Timings.TLS),
 		"pair_ms", ms(r.Timings.Pair), "spawn_ms", ms(r.Timings.Spawn), "first_output_ms", ms(r.Timings.FirstOutput),
@@ -332,19 +363,19 @@ func logResult(log *slog.Logger, spec Spec, r Result) {
 	if r.Signal != 0 {
 		attrs = append(attrs, "signal", r.Signal.String())
 	}
-	if spec.User != "" {
-		attrs = append(attrs, "user", spec.User)
+	if a.User != "" {
+		attrs = append(attrs, "user", a.User)
 	}
-	if !spec.Container.IsZero() {
-		attrs = append(attrs, "container", spec.Container.String())
+	if a.Container != "" {
+		attrs = append(attrs, "container", a.Container)
 	}
-	if spec.Caller != nil {
-		attrs = append(attrs, "caller_uid", spec.Caller.UID, "caller_pid", spec.Caller.PID)
+	if a.Caller != nil {
+		attrs = append(attrs, "caller_uid", a.Caller.UID, "caller_pid", a.Caller.PID)
 	}
 	if r.Err != nil {
 		attrs = append(attrs, "err", r.Err.Error())
 	}
-	for k, v := range spec.Labels {
+	for k, v := range a.Labels {
 		attrs = append(attrs, "label_"+k, v)
 	}
 	level := slog.LevelInfo
@@ -352,6 +383,23 @@ func logResult(log *slog.Logger, spec Spec, r Result) {
 		level = slog.LevelWarn
 	}
 	log.Log(context.Background(), level, "session ended", attrs...)
+}
+
+// Caller is who asked for a session through the daemon's control API: the
+// peer credentials of its unix socket connection (SO_PEERCRED), as the
+// kernel vouches for them.
+type Caller struct {
+	UID uint32 `json:"uid"`
+	GID uint32 `json:"gid"`
+	PID int32  `json:"pid"`
+}
+
+// PolicyError is a request the operator's policy refuses; Flag names the
+// setting that would allow it.
+type PolicyError struct{ What, Flag string }
+
+func (e *PolicyError) Error() string {
+	return fmt.Sprintf("refused by the operator's policy: %s (the daemon's %s allows it)", e.What, e.Flag)
 }
 
 // String is a one-line description for people.

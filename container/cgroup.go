@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 )
 
@@ -19,18 +20,48 @@ const cgroupRoot = "/sys/fs/cgroup"
 // group per sandbox or host session.
 const cgroupParent = "attach-agent"
 
-// groupName names a session's or sandbox's group after the agent that
-// owns it (KIND-PID-RANDOM), so that a later agent can tell the groups of
-// one that died (see Sweep).
+// groupName names a session's or sandbox's group after the process that
+// owns it, by pid and start time (KIND-PID.START-RANDOM), so that a later
+// agent can tell the groups of one that died, even when its pid is reused
+// (see Sweep).
 func groupName(kind string) string {
-	return fmt.Sprintf("%s-%d-%s", kind, os.Getpid(), randomHex(6))
+	return fmt.Sprintf("%s-%s-%s", kind, selfOwner(), randomHex(6))
 }
+
+var selfOwner = sync.OnceValue(func() string {
+	st, err := StartTime(os.Getpid())
+	if err != nil {
+		return strconv.Itoa(os.Getpid()) // a pid alone: Sweep spares it while the pid lives
+	}
+	return strconv.Itoa(os.Getpid()) + "." + st
+})
 
 // Sweep ends what agents that are gone left behind: the groups of their
 // sessions and sandboxes (an agent killed with SIGKILL removes none), with
-// any process still in them. Groups of a live agent are left alone. It
-// returns how many groups it removed. The daemon calls it at start.
+// any process still in them. Groups of a live agent (a session's worker
+// included) are left alone. It returns how many groups it removed. The
+// daemon calls it at start.
 func Sweep() int {
+	return sweep(func(pid int, start string) bool {
+		if errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			return true
+		}
+		if start == "" {
+			return false // an old name without a start time: the pid lives, spare it
+		}
+		st, err := StartTime(pid)
+		return err == nil && st != start // the pid was reused
+	})
+}
+
+// ReleaseOwned ends the groups of the process pid that started at start
+// (StartTime), with what is in them: a worker that was killed leaves its
+// session's groups so. It returns how many groups it removed.
+func ReleaseOwned(pid int, start string) int {
+	return sweep(func(p int, st string) bool { return p == pid && st == start })
+}
+
+func sweep(gone func(pid int, start string) bool) int {
 	mounts, err := cgroupMounts()
 	if err != nil {
 		return 0
@@ -43,9 +74,10 @@ func Sweep() int {
 			if len(f) != 3 || f[0] != "session" && f[0] != "sandbox" {
 				continue
 			}
-			pid, err := strconv.Atoi(f[1])
-			if err != nil || pid <= 0 || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
-				continue // an agent still there (or one we cannot tell): its own
+			ps, start, _ := strings.Cut(f[1], ".")
+			pid, err := strconv.Atoi(ps)
+			if err != nil || pid <= 0 || !gone(pid, start) {
+				continue // an owner still there (or one we cannot tell): its own
 			}
 			cg := &cgroup{dirs: []string{g}, v2fd: -1}
 			if m.v2 {

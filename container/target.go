@@ -35,7 +35,7 @@ func pinTarget(pid int) (*target, error) {
 		return nil, fmt.Errorf("container: pid %d: pidfd_open: %w (needs Linux 5.3)", pid, err)
 	}
 	t := &target{pid: pid, pidfd: fd}
-	if t.start, err = startTime(pid); err != nil {
+	if t.start, err = StartTime(pid); err != nil {
 		t.close()
 		return nil, goneError(pid)
 	}
@@ -52,7 +52,7 @@ func (t *target) check() error {
 	if err := unix.PidfdSendSignal(t.pidfd, 0, nil, 0); err != nil || exited(t.pid) {
 		return goneError(t.pid)
 	}
-	if st, err := startTime(t.pid); err != nil || st != t.start {
+	if st, err := StartTime(t.pid); err != nil || st != t.start {
 		return goneError(t.pid)
 	}
 	return nil
@@ -76,7 +76,10 @@ func (t *target) close() {
 	}
 }
 
-func startTime(pid int) (string, error) {
+// StartTime is when process pid started, in clock ticks since boot
+// (field 22 of /proc/PID/stat): with the pid, it names one process for
+// good, so that a pid reused by another is never taken for it.
+func StartTime(pid int) (string, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return "", err

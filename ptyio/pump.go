@@ -79,7 +79,8 @@ const (
 )
 
 // Config bounds a session's pump. Zero durations mean the defaults above;
-// IdleTimeout and MaxDuration may be negative to turn them off.
+// IdleTimeout and MaxDuration may be negative to turn them off. Its bounds
+// marshal to JSON (a daemon hands them to a worker); the funcs do not.
 type Config struct {
 	IdleTimeout  time.Duration // no byte moved either way and nothing queued in the kernel
 	StallTimeout time.Duration // one write of output to the stream blocked this long
@@ -96,10 +97,10 @@ type Config struct {
 	EOFByte bool
 	// ExitMarker, when set, formats the line written after all output
 	// with the exit status (one Write, never split).
-	ExitMarker func(code int) string
+	ExitMarker func(code int) string `json:"-"`
 	// Unsent reports bytes the socket has not sent yet (see SocketUnsent);
 	// such bytes are activity for the idle timeout. Nil: not counted.
-	Unsent func() int
+	Unsent func() int `json:"-"`
 	// Name is the session's ID, for the client's notice of an internal
 	// error.
 	Name string
@@ -107,11 +108,11 @@ type Config struct {
 	// ("exited", "input over", "output over", "ending: REASON", then the
 	// teardown's "drained", "notice", "marker", "close_notify", "linger",
 	// "closed", "reaped"). Nil in production.
-	Trace func(step string)
+	Trace func(step string) `json:"-"`
 	// Fault, for tests, is called at named points of the pump's
 	// goroutines ("input", "output"); a panic there is recovered as any
 	// other. Nil in production.
-	Fault func(point string)
+	Fault func(point string) `json:"-"`
 }
 
 func (c Config) withDefaults() Config {

@@ -32,7 +32,7 @@ type Config struct {
 	// TLS is the base client configuration (roots, client certificate). It
 	// is cloned; ServerName is set from the URL host when empty and
 	// MinVersion is raised to TLS 1.2. Nil means system roots.
-	TLS *tls.Config
+	TLS *tls.Config `json:"-"`
 	// Plain dials TCP without TLS (a relay behind a TLS-terminating
 	// balancer, or tests). Off by default.
 	Plain bool
@@ -48,7 +48,7 @@ type Config struct {
 
 	// Control, when set, is called on each socket before it connects, to
 	// set options (buffer sizes, marks). See net.Dialer.Control.
-	Control func(network, address string, c syscall.RawConn) error
+	Control func(network, address string, c syscall.RawConn) error `json:"-"`
 }
 
 // DefaultConfig returns a Config with every field at its default.

@@ -179,8 +179,10 @@ func runAttach(ctx context.Context, args []string, io stdio) (int, error) {
 		return exitUsage, err
 	}
 	log := slog.New(slog.NewTextHandler(io.err, nil))
-	res := agent.Run(ctx, agent.Spec{URL: u, Dial: dcfg, Process: pspec, Pump: pcfg, ExitStatusMarker: sf.marker,
-		User: sf.user, Container: sf.ctr, SetupTimeout: sf.setup}, log)
+	spec := agent.Spec{URL: u, Dial: dcfg, Process: pspec, Pump: pcfg, ExitStatusMarker: sf.marker,
+		User: sf.user, Container: sf.ctr, SetupTimeout: sf.setup}
+	res := agent.Run(ctx, spec, log)
+	agent.LogResult(log, spec.About(), res)
 	return attachExit(res, io)
 }
 
@@ -258,8 +260,11 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 	defer cancel()
 	done := make(chan agent.Result, 1)
 	go func() {
-		done <- agent.Run(sessCtx, agent.Spec{URL: u, Dial: dial, Process: pspec, Pump: pcfg, ExitStatusMarker: true,
-			User: sf.user, Container: sf.ctr, SetupTimeout: sf.setup}, log)
+		spec := agent.Spec{URL: u, Dial: dial, Process: pspec, Pump: pcfg, ExitStatusMarker: true,
+			User: sf.user, Container: sf.ctr, SetupTimeout: sf.setup}
+		res := agent.Run(sessCtx, spec, log)
+		agent.LogResult(log, spec.About(), res)
+		done <- res
 	}()
 
 	restore := rawTerminal(io)

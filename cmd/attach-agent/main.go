@@ -17,6 +17,7 @@ import (
 	"syscall"
 
 	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/daemon"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -53,6 +54,7 @@ func commands() []command {
 		{"attach", "run one command and attach it to a relay (one session, in the foreground)", runAttach},
 		{"demo", "start a relay, a session and a client in one process: a live shell in seconds", runDemo},
 		{"serve", "the per-worker daemon: sessions through a control API on a unix socket", runServe},
+		{"drain", "end every session of the daemon (after a grace, with reason shutdown)", runDrain},
 		{"rendezvous", "run a Rendezvous relay", runRendezvous},
 		{"connect", "attach this terminal to a session through a relay (the client)", runConnect},
 		{"version", "print the version", runVersion},
@@ -61,6 +63,7 @@ func commands() []command {
 
 func main() {
 	container.Main() // when re-executed as a sandbox's init, that is all this process is
+	daemon.Main()    // and so when re-executed as a session's worker
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], stdio{os.Stdin, os.Stdout, os.Stderr})
 	stop()

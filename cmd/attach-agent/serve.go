@@ -1,84 +1,67 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
-	"io"
-	"log/slog"
+	stdlibio "io"
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
-	"syscall"
 	"time"
 
-	"github.com/coreos/go-systemd/v22/activation"
-	"github.com/coreos/go-systemd/v22/daemon"
-	"github.com/coreos/go-systemd/v22/journal"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/attach-agent/attach-agent/agent"
-	"github.com/attach-agent/attach-agent/container"
-	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/daemon"
 )
 
-// DefaultControl is where serve listens for the lifecycle manager.
-const DefaultControl = "/run/attach-agent/control.sock"
-
+// runServe wires serve's flags into daemon.Config; the daemon package does
+// the rest.
 func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	fs := newFlagSet("serve", "[flags]",
 		"attach-agent serve --ca /etc/attach-agent/relay-ca.pem --control /run/attach-agent/control.sock", io.err)
+	cfg := daemon.DefaultConfig()
 	var d dialFlags
 	d.register(fs.FlagSet)
-	var (
-		control, metricsAddr, logFormat string
-		maxSessions                     int
-		grace                           time.Duration
-		pump                            ptyio.Config
-		maxPair, maxIdle, maxDur, keep  time.Duration
-	)
-	fs.StringVar(&control, "control", DefaultControl, "unix socket `path` of the control API (mode 0660, directory 0750); systemd socket activation (LISTEN_FDS) is used instead when present")
-	fs.StringVar(&metricsAddr, "metrics-listen", "127.0.0.1:9464", "`address` for /metrics (Prometheus); empty: off")
-	fs.StringVar(&logFormat, "log-format", "auto", "journald, text, json, or auto (journald when stderr is the journal)")
-	fs.IntVar(&maxSessions, "max-sessions", 1000, "sessions running at once; more get 429")
-	access := agent.DefaultAccess()
+	fs.StringVar(&cfg.Control, "control", cfg.Control, "unix socket `path` of the control API (mode 0660, directory 0750); systemd socket activation (LISTEN_FDS) is used instead when present")
+	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "`directory` of the session records (sessions/ID, mode 0700) a restarted daemon adopts its workers from; a tmpfs such as /run")
+	fs.StringVar(&cfg.MetricsListen, "metrics-listen", cfg.MetricsListen, "`address` for /metrics (Prometheus); empty: off")
+	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "journald, text, json, or auto (journald when stderr is the journal)")
+	fs.StringVar(&cfg.OnSIGTERM, "on-sigterm", cfg.OnSIGTERM, "handover: exit within 2s, sessions go on in their workers and the next daemon adopts them (systemd with KillMode=process); drain: end sessions (--shutdown-grace) first, for orchestrators that kill what a task leaves (Kubernetes, Nomad)")
+	fs.IntVar(&cfg.MaxSessions, "max-sessions", cfg.MaxSessions, "sessions running at once; more get 429")
+	fs.IntVar(&cfg.Spares, "spare-workers", cfg.Spares, "workers started ahead, waiting for a session (keeps process start off the path to the first byte)")
 	fs.Func("allow-uid", "a `UID` that may use the control API (repeatable; with neither this nor --allow-gid: root and the control socket's group)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)
-		access.UIDs = append(access.UIDs, uint32(n))
+		cfg.Access.UIDs = append(cfg.Access.UIDs, uint32(n))
 		return err
 	})
 	fs.Func("allow-gid", "a `GID` whose members (by primary group) may use the control API (repeatable)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)
-		access.GIDs = append(access.GIDs, uint32(n))
+		cfg.Access.GIDs = append(cfg.Access.GIDs, uint32(n))
 		return err
 	})
-	fs.BoolVar(&access.AllowRootUser, "allow-root-user", true, "let a request run its command as root (no user, or uid 0 in the container)")
-	fs.BoolVar(&access.AllowJoin, "allow-join", true, "let a request join a running container (container.pid)")
-	fs.BoolVar(&access.AllowPrivileged, "allow-privileged", false, "let a request start a privileged sandbox (no hardening)")
+	fs.BoolVar(&cfg.Access.AllowRootUser, "allow-root-user", cfg.Access.AllowRootUser, "let a request run its command as root (no user, or uid 0 in the container)")
+	fs.BoolVar(&cfg.Access.AllowJoin, "allow-join", cfg.Access.AllowJoin, "let a request join a running container (container.pid)")
+	fs.BoolVar(&cfg.Access.AllowPrivileged, "allow-privileged", cfg.Access.AllowPrivileged, "let a request start a privileged sandbox (no hardening)")
 	fs.Func("rootfs-under", "hold sandboxes' rootfs to `DIR` (repeatable; default: anywhere)", func(v string) error {
 		if !filepath.IsAbs(v) {
 			return fmt.Errorf("%q: want an absolute path", v)
 		}
-		access.RootfsUnder = append(access.RootfsUnder, v)
+		cfg.Access.RootfsUnder = append(cfg.Access.RootfsUnder, v)
 		return nil
 	})
-	var defaultPids int64
-	var setup time.Duration
-	fs.Int64Var(&defaultPids, "limit-pids", container.DefaultPidsLimit(), "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none (default 4096 as root, 0 otherwise)")
-	fs.DurationVar(&setup, "setup-timeout", container.DefaultSetupTimeout, "bound on a session's setup once paired (user lookup, sandbox, join); past it spawn_failed")
-	fs.DurationVar(&grace, "shutdown-grace", 10*time.Minute, "on SIGTERM, how long running sessions may finish before they are ended (a second signal ends them at once)")
-	fs.DurationVar(&pump.IdleTimeout, "idle-timeout", ptyio.DefaultIdleTimeout, "default idle timeout of a session")
-	fs.DurationVar(&pump.StallTimeout, "stall-timeout", ptyio.DefaultStallTimeout, "a session ends when its output cannot be written this long")
-	fs.DurationVar(&pump.MaxDuration, "max-duration", ptyio.DefaultMaxDuration, "default maximum session duration")
-	fs.DurationVar(&pump.KillGrace, "kill-grace", ptyio.DefaultKillGrace, "between SIGTERM and SIGKILL when a session is ended")
-	fs.DurationVar(&maxPair, "max-pair-timeout", 10*time.Minute, "the longest pair_timeout a request may ask for")
-	fs.DurationVar(&maxIdle, "max-idle-timeout", 24*time.Hour, "the longest idle_timeout a request may ask for")
-	fs.DurationVar(&maxDur, "max-max-duration", 7*24*time.Hour, "the longest max_duration a request may ask for")
-	fs.DurationVar(&keep, "keep-ended", time.Hour, "how long ended sessions stay queryable")
+	fs.Int64Var(&cfg.DefaultPids, "limit-pids", cfg.DefaultPids, "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none (default 4096 as root, 0 otherwise)")
+	fs.DurationVar(&cfg.SetupTimeout, "setup-timeout", cfg.SetupTimeout, "bound on a session's setup once paired (user lookup, sandbox, join); past it spawn_failed")
+	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "how long running sessions may finish on a drain that names no grace, and on SIGTERM with --on-sigterm=drain (a second signal ends them at once)")
+	fs.DurationVar(&cfg.Pump.IdleTimeout, "idle-timeout", cfg.Pump.IdleTimeout, "default idle timeout of a session")
+	fs.DurationVar(&cfg.Pump.StallTimeout, "stall-timeout", cfg.Pump.StallTimeout, "a session ends when its output cannot be written this long")
+	fs.DurationVar(&cfg.Pump.MaxDuration, "max-duration", cfg.Pump.MaxDuration, "default maximum session duration")
+	fs.DurationVar(&cfg.Pump.KillGrace, "kill-grace", cfg.Pump.KillGrace, "between SIGTERM and SIGKILL when a session is ended")
+	fs.DurationVar(&cfg.MaxPairTimeout, "max-pair-timeout", cfg.MaxPairTimeout, "the longest pair_timeout a request may ask for")
+	fs.DurationVar(&cfg.MaxIdleTimeout, "max-idle-timeout", cfg.MaxIdleTimeout, "the longest idle_timeout a request may ask for")
+	fs.DurationVar(&cfg.MaxMaxDuration, "max-max-duration", cfg.MaxMaxDuration, "the longest max_duration a request may ask for")
+	fs.DurationVar(&cfg.KeepEnded, "keep-ended", cfg.KeepEnded, "how long ended sessions stay queryable")
 	if err := parse(fs, args); err != nil {
 		return exitUsage, err
 	}
@@ -89,208 +72,72 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	if err != nil {
 		return exitUsage, err
 	}
-	if err := pump.Validate(); err != nil {
+	dcfg.TLS = nil // each worker makes its own from the files
+	cfg.Dial, cfg.CA, cfg.Cert, cfg.Key = dcfg, d.ca, d.cert, d.key
+	cfg.Version = version
+	if f, ok := io.err.(*os.File); ok {
+		cfg.Stderr = f
+	}
+	// For the tests of this binary only: a request label that makes its
+	// session's worker panic (see daemon.Config.FaultLabel).
+	cfg.FaultLabel = os.Getenv("ATTACH_AGENT_TEST_FAULT_LABEL")
+	if err := cfg.Validate(); err != nil {
 		return exitUsage, usageError{err.Error()}
 	}
-	if maxSessions < 1 || grace < 0 || maxPair <= 0 || maxIdle <= 0 || maxDur <= 0 || keep <= 0 {
-		return exitUsage, usagef("--max-sessions, --max-*-timeout, --max-max-duration and --keep-ended must be positive, --shutdown-grace not negative")
-	}
-	log, err := newLogger(logFormat, io.err, nil)
-	if err != nil {
-		return exitUsage, err
-	}
-
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	build := prometheus.NewGauge(prometheus.GaugeOpts{Name: "attach_agent_build_info", Help: "Build information; always 1.",
-		ConstLabels: prometheus.Labels{"version": version}})
-	build.Set(1)
-	reg.MustRegister(build)
-	metrics := agent.NewMetrics(reg)
-
-	if os.Getpid() == 1 {
-		// Orphans of sessions would be re-parented to us, and we reap only
-		// our own commands (a wait for any child would take their statuses).
-		log.Warn("running as PID 1: orphaned processes of sessions will stay zombies; run under an init (docker run --init, tini)")
-	}
-	// What an agent killed before us left running (its sessions' and
-	// sandboxes' groups) ends now, not never.
-	if n := container.Sweep(); n > 0 {
-		log.Warn("ended what a previous agent left behind", "cgroups", n)
-	}
-	notify := func(state string) { _, _ = daemon.SdNotify(false, state) } // best effort: no systemd, no-op
-	// SIGHUP (a terminal closed, or a reload habit) must not end the
-	// host's sessions: it is logged and otherwise ignored.
-	hups := make(chan os.Signal, 1)
-	signal.Notify(hups, syscall.SIGHUP)
-	defer signal.Stop(hups)
-	hupDone := make(chan struct{})
-	defer close(hupDone)
-	go func() {
-		for {
-			select {
-			case <-hups:
-				log.Info("SIGHUP: nothing to reload; sessions go on (SIGTERM stops the daemon)")
-			case <-hupDone:
-				return
-			}
-		}
-	}()
-	mgr := agent.NewManager(agent.ManagerConfig{
-		Dial: dcfg, Pump: pump, MaxSessions: maxSessions, MaxPairTimeout: maxPair, MaxIdleTimeout: maxIdle,
-		MaxMaxDuration: maxDur, KeepEnded: keep, Logger: log, Metrics: metrics, DefaultPids: defaultPids, SetupTimeout: setup,
-		OnSessionChange: func(n int) { notify(fmt.Sprintf("STATUS=%d active sessions", n)) },
-	})
-
-	ln, err := controlListener(control)
-	if err != nil {
+	if err := daemon.Serve(ctx, cfg); err != nil {
 		return exitFailure, err
 	}
-	if len(access.UIDs) == 0 && len(access.GIDs) == 0 {
-		access.UIDs = []uint32{0}
-		// The socket's group: who the unit (SocketGroup=) or the operator
-		// let reach it.
-		if st, err := os.Stat(ln.Addr().String()); err == nil {
-			if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Gid != 0 {
-				access.GIDs = []uint32{sys.Gid}
-			}
-		}
-	}
-	api := &http.Server{Handler: agent.NewAPI(mgr, access), ConnContext: agent.ConnContext, ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 2)
-	go func() { errc <- api.Serve(ln) }()
-	var msrv *http.Server
-	metricsAt := ""
-	if metricsAddr != "" {
-		mln, err := net.Listen("tcp", metricsAddr)
-		if err != nil {
-			_ = api.Close()
-			return exitFailure, fmt.Errorf("--metrics-listen: %w", err)
-		}
-		metricsAt = mln.Addr().String()
-		msrv = &http.Server{Handler: metricsMux(reg), ReadHeaderTimeout: 10 * time.Second}
-		go func() { errc <- msrv.Serve(mln) }()
-	}
-	log.Info("attach-agent serving", "control", ln.Addr().String(), "metrics", metricsAt, "version", version)
-	notify("READY=1\nSTATUS=0 active sessions")
-
-	stopWatchdog := watchdog(notify)
-	defer stopWatchdog()
-
-	// A second SIGTERM/SIGINT during the grace ends sessions at once.
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, os.Interrupt)
-	defer signal.Stop(sigs)
-	select {
-	case <-ctx.Done():
-	case <-sigs:
-	case err := <-errc:
-		log.Error("listener failed", "err", err)
-		_ = api.Close()
-		return exitFailure, err
-	}
-	// The signal that ended the wait above reached sigs too (main's
-	// NotifyContext and sigs both get every signal): drop it, so only a
-	// second one cuts the grace short.
-	select {
-	case <-sigs:
-	default:
-	}
-	notify("STOPPING=1")
-	log.Info("shutting down", "active", mgr.Active(), "grace", grace)
-	gctx, cancel := context.WithTimeout(context.Background(), grace)
-	go func() {
-		select {
-		case <-sigs:
-			log.Warn("second signal: ending sessions now")
-			cancel()
-		case <-gctx.Done():
-		}
-	}()
-	mgr.Shutdown(gctx) // new requests get 503 from here on
-	cancel()
-	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer scancel()
-	_ = api.Shutdown(sctx)
-	if msrv != nil {
-		_ = msrv.Shutdown(sctx)
-	}
-	log.Info("stopped")
 	return exitOK, nil
 }
 
-func metricsMux(reg *prometheus.Registry) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	return mux
-}
-
-// controlListener takes the socket systemd passed (LISTEN_FDS), or makes
-// the unix socket at path: its directory 0750, the socket 0660.
-func controlListener(path string) (net.Listener, error) {
-	lns, err := activation.Listeners()
-	if err == nil && len(lns) > 0 && lns[0] != nil {
-		return lns[0], nil
+// runDrain asks the daemon to end every session: the running ones may
+// finish within the grace, then end with reason shutdown.
+func runDrain(ctx context.Context, args []string, io stdio) (int, error) {
+	fs := newFlagSet("drain", "[--grace D] [--control PATH]", "attach-agent drain --grace 5m", io.err)
+	control := fs.String("control", daemon.DefaultControl, "unix socket `path` of the daemon's control API")
+	grace := fs.Duration("grace", 10*time.Minute, "how long running sessions may finish before they end with reason shutdown")
+	if err := parse(fs, args); err != nil {
+		return exitUsage, err
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("--control: %w", err)
+	if fs.NArg() > 0 {
+		return exitUsage, usagef("unexpected argument %q", fs.Arg(0))
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("--control %s: exists and is not a socket; remove it or pick another path", path)
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			_ = c.Close()
-			return nil, fmt.Errorf("--control %s: another agent is serving there", path)
-		}
-		_ = os.Remove(path) // a stale socket from a previous run
+	if *grace < 0 {
+		return exitUsage, usagef("--grace must not be negative, got %v", *grace)
 	}
-	ln, err := net.Listen("unix", path)
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", *control)
+	}}}
+	body, _ := json.Marshal(map[string]string{"grace": grace.String()})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://attach-agent/v1/drain", bytes.NewReader(body))
 	if err != nil {
-		return nil, fmt.Errorf("--control: %w", err)
+		return exitFailure, err
 	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		_ = ln.Close()
-		return nil, fmt.Errorf("--control: %w", err)
+	resp, err := c.Do(req)
+	if err != nil {
+		return exitFailure, fmt.Errorf("the daemon at %s: %w (is attach-agent serve running? --control names its socket)", *control, err)
 	}
-	return ln, nil
-}
-
-// watchdog pings systemd at half of WATCHDOG_USEC when it is set.
-func watchdog(notify func(string)) (stop func()) {
-	d, err := daemon.SdWatchdogEnabled(false)
-	if err != nil || d <= 0 {
-		return func() {}
+	defer resp.Body.Close()
+	var out struct {
+		Error    string        `json:"error"`
+		Sessions []daemon.View `json:"sessions"`
+		Ended    int           `json:"ended"`
+		ByDrain  int           `json:"ended_by_drain"`
 	}
-	t := time.NewTicker(d / 2)
-	done := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case <-t.C:
-				notify("WATCHDOG=1")
-			case <-done:
-				return
-			}
+	if err := json.NewDecoder(stdlibio.LimitReader(resp.Body, 64<<20)).Decode(&out); err != nil {
+		return exitFailure, fmt.Errorf("the daemon's answer: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return exitFailure, fmt.Errorf("the daemon refused: %s", out.Error)
+	}
+	for _, v := range out.Sessions {
+		code := ""
+		if v.ExitCode != nil {
+			code = strconv.Itoa(*v.ExitCode)
 		}
-	}()
-	return func() { t.Stop(); close(done) }
-}
-
-// newLogger picks the log format; send is the journald sender (nil: real).
-func newLogger(format string, stderr io.Writer, send agent.JournalSender) (*slog.Logger, error) {
-	switch format {
-	case "auto":
-		if ok, _ := journal.StderrIsJournalStream(); ok {
-			return slog.New(agent.NewJournalHandler(send, nil)), nil
-		}
-		return slog.New(slog.NewTextHandler(stderr, nil)), nil
-	case "journald":
-		return slog.New(agent.NewJournalHandler(send, nil)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(stderr, nil)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(stderr, nil)), nil
+		fmt.Fprintf(io.out, "%s\t%s\t%s\texit=%s\n", v.ID, v.State, v.Reason, code)
 	}
-	return nil, usagef("--log-format %q: want journald, text, json or auto", format)
+	fmt.Fprintf(io.out, "drained: %d sessions ended, %d of them by the drain (reason shutdown)\n", out.Ended, out.ByDrain)
+	return exitOK, nil
 }

@@ -1,4 +1,4 @@
-package agent
+package daemon
 
 import (
 	"context"
@@ -10,15 +10,12 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/attach-agent/attach-agent/agent"
 )
 
-// Caller is who made a control API request: the peer credentials of its
-// unix socket connection (SO_PEERCRED), as the kernel vouches for them.
-type Caller struct {
-	UID uint32 `json:"uid"`
-	GID uint32 `json:"gid"`
-	PID int32  `json:"pid"`
-}
+// Caller is who made a control API request (see ConnContext).
+type Caller = agent.Caller
 
 type callerKey struct{}
 
@@ -71,13 +68,8 @@ func DefaultAccess() Access {
 	return Access{AllowRootUser: true, AllowJoin: true}
 }
 
-// PolicyError is a request the operator's policy refuses; Flag names the
-// setting that would allow it.
-type PolicyError struct{ What, Flag string }
-
-func (e *PolicyError) Error() string {
-	return fmt.Sprintf("refused by the operator's policy: %s (the daemon's %s allows it)", e.What, e.Flag)
-}
+// PolicyError is a request the operator's policy refuses.
+type PolicyError = agent.PolicyError
 
 func (a Access) allows(c Caller) bool {
 	if len(a.UIDs) == 0 && len(a.GIDs) == 0 {
@@ -89,7 +81,7 @@ func (a Access) allows(c Caller) bool {
 // check refuses what the policy bounds in spec, before anything starts.
 // A user that only the container's passwd file says is root is refused at
 // the spawn (Spec.DenyRoot).
-func (a Access) check(spec Spec) error {
+func (a Access) check(spec agent.Spec) error {
 	ctr := spec.Container
 	if !a.AllowRootUser && isRootSpec(spec.User) {
 		return &PolicyError{"running the command as root (give \"user\")", "--allow-root-user"}

@@ -1,10 +1,11 @@
-package agent
+package daemon
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"time"
@@ -16,9 +17,13 @@ const MaxRequestBody = 1 << 20
 // maxWait bounds ?wait= on GET /v1/sessions/{id}.
 const maxWait = 10 * time.Minute
 
+// maxGrace bounds a drain's grace.
+const maxGrace = 24 * time.Hour
+
 // NewAPI serves the control API (docs/API.md) over m to the callers a
-// allows (see ConnContext).
-func NewAPI(m *Manager, a Access) http.Handler {
+// allows (see ConnContext); a drain with no grace given gets
+// defaultGrace.
+func NewAPI(m *Manager, a Access, defaultGrace time.Duration) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
 		r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBody)
@@ -93,6 +98,37 @@ func NewAPI(m *Manager, a Access) http.Handler {
 		}
 		v, _ := m.Get(id)
 		writeJSON(w, http.StatusAccepted, v)
+	})
+	mux.HandleFunc("POST /v1/drain", func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBody)
+		var req struct {
+			Grace string `json:"grace"`
+		}
+		dec := json.NewDecoder(r.Body)
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+			apiError(w, http.StatusBadRequest, "bad JSON: want {\"grace\": \"30s\"} or no body: "+strings.TrimPrefix(err.Error(), "json: "))
+			return
+		}
+		grace := defaultGrace
+		if req.Grace != "" {
+			d, err := time.ParseDuration(req.Grace)
+			if err != nil || d < 0 || d > maxGrace {
+				apiError(w, http.StatusBadRequest, fmt.Sprintf("grace: %q is not a duration from 0 to %v", req.Grace, maxGrace))
+				return
+			}
+			grace = d
+		}
+		// The drain outlives this request if its caller goes: ending every
+		// session is not undone by a closed connection.
+		views := m.Drain(context.WithoutCancel(r.Context()), grace)
+		shut := 0
+		for _, v := range views {
+			if v.Reason == "shutdown" {
+				shut++
+			}
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"sessions": views, "ended": len(views), "ended_by_drain": shut})
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		if m.Closing() {

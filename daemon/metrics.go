@@ -1,8 +1,9 @@
-package agent
+package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/container"
 )
 
@@ -68,7 +69,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
 		}, []string{"place"}),
 	}
-	for _, r := range Reasons {
+	for _, r := range agent.Reasons {
 		m.Ended.WithLabelValues(string(r))
 	}
 	for _, c := range []string{"success", "failure", "signal"} {
@@ -88,13 +89,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-// observe records a finished session. Nil-safe.
-func (m *Metrics) observe(spec Spec, r Result) {
+// observe records a finished session that ran at place (host, join,
+// sandbox). Nil-safe.
+func (m *Metrics) observe(place string, r agent.Result) {
 	if m == nil {
 		return
 	}
-	if r.Timings.Spawn > 0 {
-		m.Spawn.WithLabelValues(spec.Container.Place()).Observe(r.Timings.Spawn.Seconds())
+	if r.Timings.Spawn > 0 && place != "" {
+		m.Spawn.WithLabelValues(place).Observe(r.Timings.Spawn.Seconds())
 	}
 	m.Ended.WithLabelValues(string(r.Reason)).Inc()
 	if r.Started {
@@ -109,8 +111,8 @@ func (m *Metrics) observe(spec Spec, r Result) {
 	}
 	m.Bytes.WithLabelValues("in").Add(float64(r.BytesIn))
 	m.Bytes.WithLabelValues("out").Add(float64(r.BytesOut))
-	if r.Timings.Attempts > 0 || r.Reason == ReasonDialFailed {
-		ok := r.Reason != ReasonDialFailed || r.Timings.TLS > 0
+	if r.Timings.Attempts > 0 || r.Reason == agent.ReasonDialFailed {
+		ok := r.Reason != agent.ReasonDialFailed || r.Timings.TLS > 0
 		fails := r.Timings.Attempts
 		if ok {
 			fails--

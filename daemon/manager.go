@@ -1,0 +1,787 @@
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/ptyio"
+)
+
+// View is what the API shows of a session. It never holds the secret.
+type View struct {
+	ID         string            `json:"id"`
+	State      string            `json:"state"` // running, ended
+	Reason     string            `json:"reason,omitempty"`
+	ExitCode   *int              `json:"exit_code,omitempty"`
+	Signal     string            `json:"signal,omitempty"`
+	Error      string            `json:"error,omitempty"`
+	BytesIn    int64             `json:"bytes_in"`
+	BytesOut   int64             `json:"bytes_out"`
+	Relay      string            `json:"relay"`
+	SecretFP   string            `json:"secret_fp"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	User       string            `json:"user,omitempty"`
+	Container  *container.Spec   `json:"container,omitempty"`
+	StartedAt  time.Time         `json:"started_at"`
+	EndedAt    *time.Time        `json:"ended_at,omitempty"`
+	TimingsMS  map[string]int64  `json:"timings_ms,omitempty"`
+	Caller     *Caller           `json:"caller,omitempty"`
+	DialTries  int               `json:"dial_attempts,omitempty"`
+	CommandRan bool              `json:"command_ran"`
+	WorkerPID  int               `json:"worker_pid,omitempty"` // the session's process (running sessions)
+	Adopted    bool              `json:"adopted,omitempty"`    // started by an earlier daemon
+}
+
+// managed is one session as the daemon sees it: its worker, and in the
+// end its result.
+type managed struct {
+	id      string
+	rec     record
+	adopted bool
+	pidfd   *os.File // the worker; nil once it is watched no more
+	own     bool     // our child, to reap
+	link    *link    // to the worker; nil: none now
+	done    chan struct{}
+	ended   time.Time
+	result  agent.Result
+}
+
+// Manager is the supervisor: it starts a worker process per session
+// (from a few spares started ahead), lists, waits on, ends and reports
+// them, and adopts at its start the workers an earlier daemon left.
+type Manager struct {
+	cfg     Config
+	log     *slog.Logger
+	metrics *Metrics
+	self    string
+	env     []string
+
+	mu       sync.Mutex
+	sessions map[string]*managed
+	running  int
+	closing  bool // draining or handed over: no new sessions
+	released bool // handed over: the workers are no longer ours to watch
+	watchers sync.WaitGroup
+
+	spares    chan *spare
+	spareStop chan struct{}
+	spareDone chan struct{}
+}
+
+// Errors Create returns besides *RequestError and *PolicyError.
+var (
+	ErrFull         = errors.New("too many sessions running: retry later")
+	ErrShuttingDown = errors.New("the agent is draining or handing over: not taking new sessions (a new daemon takes them within seconds of a restart)")
+	ErrDuplicate    = errors.New("a running session already has this attach_url's secret: two would pair with each other; end it first, or use a new secret")
+)
+
+// NewManager makes the supervisor for cfg (Validate it first); log gets
+// each session's start and its one end line, metrics (nil: none) the
+// outcomes. It makes the state directory, and keeps cfg.Spares workers
+// started ahead. Call Adopt next, then Release or Drain at the end.
+func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error) {
+	if err := makeStateDir(cfg); err != nil {
+		return nil, err
+	}
+	self := cfg.Worker
+	if self == "" {
+		// The inode we run, not the path: after an upgrade replaced the
+		// file, this daemon still starts workers that speak its version.
+		self = "/proc/self/exe"
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m := &Manager{
+		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(),
+		sessions: make(map[string]*managed), spares: make(chan *spare, cfg.Spares),
+		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
+	}
+	go m.keepSpares()
+	return m, nil
+}
+
+// workerEnv is the daemon's environment without what is the daemon's
+// alone (systemd's notify socket, watchdog and passed sockets).
+func workerEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES":
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// spare is a worker started and set up, waiting for its order.
+type spare struct {
+	cmd   *exec.Cmd
+	pidfd *os.File
+	link  *link
+}
+
+func (m *Manager) startWorker() (*spare, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("worker socket pair: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "worker"), os.NewFile(uintptr(fds[1]), "daemon")
+	defer theirs.Close()
+	fc, err := net.FileConn(ours)
+	_ = ours.Close()
+	if err != nil {
+		return nil, err
+	}
+	pidfd := -1
+	cmd := exec.Command(m.self, workerArg)
+	cmd.Env = m.env
+	cmd.ExtraFiles = []*os.File{theirs}
+	cmd.Stderr = m.cfg.stderr()
+	// A session of its own: the daemon's terminal and process group
+	// signals (Ctrl-C on a foreground serve) are not the worker's.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, PidFD: &pidfd}
+	if err := cmd.Start(); err != nil {
+		_ = fc.Close()
+		return nil, fmt.Errorf("starting a worker (%s): %w", m.self, err)
+	}
+	sp := &spare{cmd: cmd, link: newLink(fc.(*net.UnixConn))}
+	if pidfd >= 0 {
+		sp.pidfd = pollable(pidfd)
+	}
+	if err := sp.link.send(message{Type: "setup", Config: &m.cfg}); err != nil {
+		sp.kill()
+		return nil, fmt.Errorf("setting up a worker: %w", err)
+	}
+	return sp, nil
+}
+
+// kill ends a spare that will get no order, and reaps it.
+func (sp *spare) kill() {
+	sp.link.close() // a spare exits on EOF; the kill is for one that hangs
+	_ = sp.cmd.Process.Kill()
+	_ = sp.cmd.Wait()
+	if sp.pidfd != nil {
+		_ = sp.pidfd.Close()
+	}
+}
+
+// keepSpares keeps cfg.Spares workers started ahead, until Release or
+// Drain.
+func (m *Manager) keepSpares() {
+	defer close(m.spareDone)
+	for {
+		sp, err := m.startWorker()
+		if err != nil {
+			m.log.Error("starting a spare worker", "err", err.Error())
+			select {
+			case <-m.spareStop:
+				return
+			case <-time.After(time.Second):
+				continue
+			}
+		}
+		select {
+		case m.spares <- sp:
+		case <-m.spareStop:
+			sp.kill()
+			return
+		}
+	}
+}
+
+// stopSpares ends the spares and their making.
+func (m *Manager) stopSpares() {
+	m.mu.Lock()
+	select {
+	case <-m.spareStop:
+		m.mu.Unlock()
+		return
+	default:
+		close(m.spareStop)
+	}
+	m.mu.Unlock()
+	<-m.spareDone
+	for {
+		select {
+		case sp := <-m.spares:
+			sp.kill()
+		default:
+			return
+		}
+	}
+}
+
+func (m *Manager) takeWorker() (*spare, error) {
+	select {
+	case sp := <-m.spares:
+		return sp, nil
+	default:
+		return m.startWorker() // all spares taken: one now
+	}
+}
+
+// Create validates req and starts its session in a worker of its own.
+func (m *Manager) Create(req Request) (View, error) {
+	return m.create(req, Caller{}, DefaultAccess())
+}
+
+func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
+	spec, err := specFor(m.cfg, req)
+	if err != nil {
+		return View{}, err
+	}
+	if err := a.check(spec); err != nil {
+		return View{}, err
+	}
+	hash := secretHash(spec.URL.Secret)
+	m.mu.Lock()
+	switch {
+	case m.closing:
+		m.mu.Unlock()
+		return View{}, ErrShuttingDown
+	case m.running >= m.cfg.MaxSessions:
+		m.mu.Unlock()
+		return View{}, ErrFull
+	}
+	for _, o := range m.sessions {
+		if o.ended.IsZero() && o.rec.SecretHash == hash && o.rec.About.Relay == spec.URL.Addr() {
+			m.mu.Unlock()
+			return View{}, ErrDuplicate
+		}
+	}
+	m.prune(time.Now())
+	// The session holds its place (the count, its secret) while its
+	// worker takes the order.
+	s := &managed{id: newID(), done: make(chan struct{})}
+	s.rec = record{ID: s.id, StartedAt: time.Now(), About: spec.About(), SecretHash: hash}
+	m.sessions[s.id] = s
+	m.running++
+	m.mu.Unlock()
+	m.changed()
+
+	fail := func(err error) (View, error) {
+		m.mu.Lock()
+		delete(m.sessions, s.id)
+		m.running--
+		m.mu.Unlock()
+		m.changed()
+		return View{}, err
+	}
+	sp, err := m.takeWorker()
+	if err != nil {
+		return fail(err)
+	}
+	rec, err := m.hand(sp, order{ID: s.id, Request: req, Caller: &caller, DenyRoot: !a.AllowRootUser})
+	if err != nil {
+		sp.kill()
+		return fail(err)
+	}
+	m.mu.Lock()
+	s.rec, s.link, s.pidfd, s.own = rec, sp.link, sp.pidfd, true
+	released := m.released
+	if !released {
+		m.watchers.Add(1)
+	}
+	m.mu.Unlock()
+	if released {
+		// Handed over while it started: the next daemon adopts it.
+		return m.view(s), nil
+	}
+	_ = sp.cmd.Process.Release() // reaped by pid in watch
+	m.log.Info("session started", "session_id", s.id, "secret_fp", rec.About.SecretFP, "relay", rec.About.Relay,
+		"caller_uid", caller.UID, "caller_pid", caller.PID, "worker_pid", rec.PID)
+	go m.watch(s)
+	go m.listen(s, sp.link)
+	return m.view(s), nil
+}
+
+// hand gives a worker its order and waits (bounded) for its record.
+func (m *Manager) hand(sp *spare, o order) (record, error) {
+	if err := sp.link.send(message{Type: "order", Order: &o}); err != nil {
+		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
+	}
+	_ = sp.link.c.SetReadDeadline(time.Now().Add(m.cfg.SetupTimeout))
+	reply, err := sp.link.recv()
+	_ = sp.link.c.SetReadDeadline(time.Time{})
+	switch {
+	case err != nil:
+		return record{}, fmt.Errorf("the session's worker did not take it: %w", err)
+	case reply.Type == "refused":
+		return record{}, fmt.Errorf("the session's worker refused it: %s", reply.Error)
+	case reply.Type != "accepted" || reply.Record == nil:
+		return record{}, fmt.Errorf("the session's worker answered %q", reply.Type)
+	}
+	return *reply.Record, nil
+}
+
+// listen reads what a worker says until the link ends; the end itself is
+// seen by watch, from the process.
+func (m *Manager) listen(s *managed, l *link) {
+	for {
+		if _, err := l.recv(); err != nil {
+			return
+		}
+	}
+}
+
+// watch waits for the worker's exit, then reports the session.
+func (m *Manager) watch(s *managed) {
+	defer m.watchers.Done()
+	if err := waitExit(s.pidfd); err != nil {
+		return // released: the next daemon watches it
+	}
+	m.mu.Lock()
+	released := m.released
+	m.mu.Unlock()
+	if released {
+		return
+	}
+	if s.own {
+		var ws unix.WaitStatus
+		_, _ = unix.Wait4(s.rec.PID, &ws, unix.WNOHANG, nil) // it has exited: this does not block
+	}
+	_ = s.pidfd.Close()
+	m.finish(s)
+}
+
+// finish records the session's end: its result.json, or, when its worker
+// died without one, agent_error with the worker's leftovers ended.
+func (m *Manager) finish(s *managed) {
+	dir := filepath.Join(m.cfg.sessionsDir(), s.id)
+	var r result
+	if err := readFile(dir, resultFile, &r); err != nil {
+		r = m.lost(dir, s.rec)
+	}
+	res := r.agentResult()
+	m.mu.Lock()
+	s.result, s.ended = res, r.EndedAt
+	if s.link != nil {
+		s.link.close()
+		s.link = nil
+	}
+	m.running--
+	m.mu.Unlock()
+	close(s.done)
+	m.changed()
+	m.report(dir, s.id, s.rec, res)
+}
+
+// lost ends what a worker that died without a result left: its command's
+// process group (when it is still the process recorded) and its groups.
+func (m *Manager) lost(dir string, rec record) result {
+	r := agent.Result{Reason: ptyio.ReasonAgentError, ExitCode: agent.ExitAgentError, Err: errWorkerLost}
+	var cmd process
+	if readFile(dir, commandFile, &cmd) == nil {
+		r.Started = true
+		if cmd.PID > 0 && cmd.alive() {
+			_ = syscall.Kill(-cmd.PID, syscall.SIGKILL)
+			_ = syscall.Kill(cmd.PID, syscall.SIGKILL)
+		}
+	}
+	n := 0
+	if rec.PID > 0 && rec.Start != "" {
+		n = container.ReleaseOwned(rec.PID, rec.Start)
+	}
+	m.log.Warn("session worker lost", "session_id", rec.ID, "worker_pid", rec.PID, "command_pid", cmd.PID, "cgroups_removed", n)
+	return resultOf(r, time.Now())
+}
+
+// report logs the end line and counts the outcome, once per session
+// across daemons (the record's reported marker), and removes the record.
+func (m *Manager) report(dir, id string, rec record, res agent.Result) {
+	if !claimReport(dir) {
+		return // another daemon saw the end first, and logged it
+	}
+	agent.LogResult(m.log.With("session_id", id), rec.About, res)
+	m.metrics.observe(rec.Place, res)
+	_ = os.RemoveAll(dir)
+}
+
+func (m *Manager) changed() {
+	m.mu.Lock()
+	n := m.running
+	m.mu.Unlock()
+	if m.metrics != nil {
+		m.metrics.Active.Set(float64(n))
+	}
+	if m.cfg.onChange != nil {
+		m.cfg.onChange(n)
+	}
+}
+
+// Adopt takes over the sessions whose records are in the state directory:
+// a live worker (its pid and start time match) is watched as if this
+// daemon had started it; an ended one is reported; one whose worker died
+// without a result (or whose pid now names another process, which is
+// never signalled) is reported as agent_error, its leftovers ended. It
+// returns how many it adopted and how many it reported.
+func (m *Manager) Adopt() (adopted, reported int) {
+	entries, err := os.ReadDir(m.cfg.sessionsDir())
+	if err != nil {
+		m.log.Warn("reading the session records", "err", err.Error())
+		return 0, 0
+	}
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(m.cfg.sessionsDir(), e.Name())
+		var rec record
+		if err := readFile(dir, workerFile, &rec); err != nil || rec.ID != e.Name() {
+			// A worker that died before its record was whole, or one
+			// writing it now: the latter is this daemon's own, just made.
+			if fi, serr := e.Info(); serr == nil && time.Since(fi.ModTime()) > m.cfg.SetupTimeout {
+				m.log.Warn("removing an incomplete session record", "dir", dir, "err", fmt.Sprint(err))
+				_ = os.RemoveAll(dir)
+			}
+			continue
+		}
+		m.mu.Lock()
+		_, known := m.sessions[rec.ID]
+		m.mu.Unlock()
+		if known {
+			continue
+		}
+		s := &managed{id: rec.ID, rec: rec, adopted: true, done: make(chan struct{})}
+		w := process{rec.PID, rec.Start}
+		fd, perr := unix.PidfdOpen(rec.PID, unix.PIDFD_NONBLOCK)
+		if perr == nil && w.alive() { // checked after the pidfd pins the process
+			s.pidfd = os.NewFile(uintptr(fd), "worker")
+			s.link = m.connect(dir)
+			m.mu.Lock()
+			m.sessions[s.id] = s
+			m.running++
+			m.watchers.Add(1)
+			m.mu.Unlock()
+			m.log.Info("session adopted", "session_id", s.id, "worker_pid", rec.PID, "secret_fp", rec.About.SecretFP)
+			go m.watch(s)
+			if s.link != nil {
+				go m.listen(s, s.link)
+			}
+			adopted++
+			continue
+		}
+		if perr == nil {
+			_ = unix.Close(fd)
+			m.log.Warn("session not adopted: its worker's pid names another process now", "session_id", rec.ID, "worker_pid", rec.PID)
+		}
+		m.mu.Lock()
+		m.sessions[s.id] = s
+		m.running++
+		m.mu.Unlock()
+		m.finish(s)
+		reported++
+	}
+	m.changed()
+	return adopted, reported
+}
+
+// connect reaches a worker on its control socket; nil when it cannot be.
+func (m *Manager) connect(dir string) *link {
+	c, err := net.DialTimeout("unix", filepath.Join(dir, controlFile), 2*time.Second)
+	if err != nil {
+		return nil
+	}
+	l := newLink(c.(*net.UnixConn))
+	_ = l.c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	hello, err := l.recv()
+	_ = l.c.SetReadDeadline(time.Time{})
+	if err != nil || hello.Type != "hello" {
+		l.close()
+		return nil
+	}
+	return l
+}
+
+// tell asks a worker to end its session, over its link or a new one; a
+// worker that cannot be reached gets SIGTERM (it ends as shutdown).
+func (m *Manager) tell(s *managed, cause string) {
+	m.mu.Lock()
+	l, fd := s.link, s.pidfd
+	ended := !s.ended.IsZero()
+	m.mu.Unlock()
+	if ended {
+		return
+	}
+	if l != nil && l.send(message{Type: "end", Cause: cause}) == nil {
+		return
+	}
+	if l = m.connect(filepath.Join(m.cfg.sessionsDir(), s.id)); l != nil {
+		err := l.send(message{Type: "end", Cause: cause})
+		m.mu.Lock()
+		if s.link != nil {
+			s.link.close()
+		}
+		s.link = l
+		m.mu.Unlock()
+		go m.listen(s, l)
+		if err == nil {
+			return
+		}
+	}
+	if fd != nil {
+		m.log.Warn("session worker unreachable: SIGTERM", "session_id", s.id, "worker_pid", s.rec.PID)
+		_ = signalFD(fd, syscall.SIGTERM)
+	}
+}
+
+// Release hands the sessions over: no new ones, the spares ended, and the
+// running workers let go of (links closed, no longer watched). They go on
+// to their ends; the next daemon adopts them.
+func (m *Manager) Release() {
+	m.mu.Lock()
+	m.closing, m.released = true, true
+	for _, s := range m.sessions {
+		if s.link != nil {
+			s.link.close()
+			s.link = nil
+		}
+		if s.pidfd != nil && s.ended.IsZero() {
+			_ = s.pidfd.Close() // its watcher returns
+		}
+	}
+	m.mu.Unlock()
+	m.stopSpares()
+	m.watchers.Wait()
+}
+
+// Drain ends every session: no new ones from now on, the running ones may
+// finish within grace, then the rest end with reason shutdown (their
+// workers killed if they have not ended a bound later). It returns the
+// sessions that ended meanwhile.
+func (m *Manager) Drain(ctx context.Context, grace time.Duration) []View {
+	m.mu.Lock()
+	m.closing = true
+	var live []*managed
+	for _, s := range m.sessions {
+		if s.ended.IsZero() {
+			live = append(live, s)
+		}
+	}
+	m.mu.Unlock()
+	m.stopSpares()
+	m.log.Info("draining", "active", len(live), "grace", grace.String())
+	all := func(ctx context.Context) bool {
+		for _, s := range live {
+			select {
+			case <-s.done:
+			case <-ctx.Done():
+				return false
+			}
+		}
+		return true
+	}
+	gctx, cancel := context.WithTimeout(ctx, grace)
+	done := all(gctx)
+	cancel()
+	if !done {
+		for _, s := range live {
+			m.tell(s, causeShutdown)
+		}
+		// The pump's own bounds end a session told so: the kill grace,
+		// then the drain of its output. Past them, the worker is killed.
+		p := m.cfg.Pump
+		bound := max(p.KillGrace, ptyio.DefaultKillGrace) + max(p.DrainTimeout, ptyio.DefaultDrainTimeout) + max(p.Linger, ptyio.DefaultLinger) + 10*time.Second
+		kctx, kcancel := context.WithTimeout(context.Background(), bound)
+		if !all(kctx) {
+			for _, s := range live {
+				m.mu.Lock()
+				fd, ended := s.pidfd, !s.ended.IsZero()
+				m.mu.Unlock()
+				if !ended && fd != nil {
+					m.log.Error("session worker did not end: SIGKILL", "session_id", s.id, "worker_pid", s.rec.PID)
+					_ = signalFD(fd, syscall.SIGKILL)
+				}
+			}
+			all(context.Background())
+		}
+		kcancel()
+	}
+	out := make([]View, len(live))
+	for i, s := range live {
+		out[i] = m.view(s)
+	}
+	return out
+}
+
+// prune forgets ended sessions past KeepEnded, and the oldest beyond
+// KeepEndedCount. m.mu is held.
+func (m *Manager) prune(now time.Time) {
+	var ended []*managed
+	for id, s := range m.sessions {
+		if s.ended.IsZero() {
+			continue
+		}
+		if now.Sub(s.ended) > m.cfg.KeepEnded {
+			delete(m.sessions, id)
+			continue
+		}
+		ended = append(ended, s)
+	}
+	if over := len(ended) - m.cfg.KeepEndedCount; over > 0 {
+		sort.Slice(ended, func(i, j int) bool { return ended[i].ended.Before(ended[j].ended) })
+		for _, s := range ended[:over] {
+			delete(m.sessions, s.id)
+		}
+	}
+}
+
+func newID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return "s-" + hex.EncodeToString(b)
+}
+
+func (m *Manager) view(s *managed) View {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	a := s.rec.About
+	v := View{
+		ID: s.id, State: "running", Relay: a.Relay, SecretFP: a.SecretFP, Labels: a.Labels, StartedAt: s.rec.StartedAt,
+		User: a.User, Caller: a.Caller, Container: s.rec.Container, Adopted: s.adopted,
+	}
+	if s.ended.IsZero() {
+		v.WorkerPID = s.rec.PID
+		return v
+	}
+	r := s.result
+	ended := s.ended
+	code := r.ExitCode
+	v.State, v.Reason, v.ExitCode, v.EndedAt = "ended", string(r.Reason), &code, &ended
+	v.BytesIn, v.BytesOut, v.CommandRan, v.DialTries = r.BytesIn, r.BytesOut, r.Started, r.Timings.Attempts
+	if r.Signal != 0 {
+		v.Signal = r.Signal.String()
+	}
+	if r.Err != nil {
+		v.Error = r.Err.Error()
+	}
+	t := r.Timings
+	v.TimingsMS = map[string]int64{
+		"connect": ms(t.Connect), "tls": ms(t.TLS), "dial": ms(t.Dial), "pair": ms(t.Pair),
+		"spawn": ms(t.Spawn), "first_output": ms(t.FirstOutput), "total": ms(t.Total),
+	}
+	return v
+}
+
+func ms(d time.Duration) int64 { return d.Milliseconds() }
+
+func (m *Manager) lookup(id string) (*managed, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.sessions[id]
+	return s, ok
+}
+
+// Get returns a session's view.
+func (m *Manager) Get(id string) (View, bool) {
+	s, ok := m.lookup(id)
+	if !ok {
+		return View{}, false
+	}
+	return m.view(s), true
+}
+
+// Wait returns the session's view once it ends or ctx is done.
+func (m *Manager) Wait(ctx context.Context, id string) (View, bool) {
+	s, ok := m.lookup(id)
+	if !ok {
+		return View{}, false
+	}
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+	}
+	return m.view(s), true
+}
+
+// List returns every session known, newest first.
+func (m *Manager) List() []View {
+	m.mu.Lock()
+	all := make([]*managed, 0, len(m.sessions))
+	for _, s := range m.sessions {
+		all = append(all, s)
+	}
+	m.mu.Unlock()
+	sort.Slice(all, func(i, j int) bool { return all[i].rec.StartedAt.After(all[j].rec.StartedAt) })
+	out := make([]View, len(all))
+	for i, s := range all {
+		out[i] = m.view(s)
+	}
+	return out
+}
+
+// Kill ends a running session with reason killed.
+func (m *Manager) Kill(id string) bool {
+	s, ok := m.lookup(id)
+	if ok {
+		m.tell(s, causeKilled)
+	}
+	return ok
+}
+
+// Active is how many sessions run now.
+func (m *Manager) Active() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.running
+}
+
+// Closing reports whether the daemon takes no new sessions (a drain or a
+// handover has begun).
+func (m *Manager) Closing() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.closing
+}
+
+// pollable makes fd (a pidfd) non-blocking and an *os.File that Go's
+// poller waits on, so that a thousand watched workers hold no thread.
+func pollable(fd int) *os.File {
+	_ = unix.SetNonblock(fd, true)
+	return os.NewFile(uintptr(fd), "worker")
+}
+
+// waitExit returns once the process behind pidfd f has exited, or with an
+// error once f is closed.
+func waitExit(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Read(func(fd uintptr) bool {
+		n, _ := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+		return n > 0
+	})
+}
+
+func signalFD(f *os.File, sig syscall.Signal) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), sig, nil, 0) }); err != nil {
+		return err
+	}
+	return serr
+}

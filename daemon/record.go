@@ -1,0 +1,167 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/ptyio"
+)
+
+// A session's record is a directory, STATE/sessions/ID, mode 0700, that its
+// worker writes and any daemon reads:
+//
+//	worker.json   the worker (pid and start time) and the session, never its secret
+//	control.sock  the worker's control socket (protocol in proto.go)
+//	command.json  the command's pid and start time, once it runs
+//	result.json   how the session ended, written before the worker exits
+//	reported      made (O_EXCL) by the one daemon that logs the end
+//
+// Files are written whole to a temporary name and renamed, so a reader
+// never sees half of one.
+const (
+	workerFile   = "worker.json"
+	controlFile  = "control.sock"
+	commandFile  = "command.json"
+	resultFile   = "result.json"
+	reportedFile = "reported"
+)
+
+// recordVersion is the record's and the control protocol's version. A
+// daemon reads the records of older workers: an upgraded daemon adopts the
+// workers of the version before it.
+const recordVersion = 1
+
+// record is worker.json.
+type record struct {
+	V          int             `json:"v"`
+	ID         string          `json:"id"`
+	PID        int             `json:"pid"`
+	Start      string          `json:"start"` // container.StartTime of PID
+	StartedAt  time.Time       `json:"started_at"`
+	About      agent.About     `json:"about"`
+	SecretHash string          `json:"secret_sha256"` // for the duplicate check; the fingerprint is its prefix
+	Container  *container.Spec `json:"container,omitempty"`
+	Place      string          `json:"place"` // host, join, sandbox: the spawn histogram's label
+}
+
+// process names one process for good: a pid and its start time.
+type process struct {
+	PID   int    `json:"pid"`
+	Start string `json:"start"`
+}
+
+// alive reports whether p is still the process it names (a reused pid is
+// another process).
+func (p process) alive() bool {
+	st, err := container.StartTime(p.PID)
+	return err == nil && st == p.Start
+}
+
+// result is result.json: agent.Result with its error as text.
+type result struct {
+	Reason   ptyio.Reason   `json:"reason"`
+	ExitCode int            `json:"exit_code"`
+	Signal   syscall.Signal `json:"signal,omitempty"`
+	Started  bool           `json:"command_ran"`
+	BytesIn  int64          `json:"bytes_in"`
+	BytesOut int64          `json:"bytes_out"`
+	Empty    int64          `json:"empty_reads,omitempty"`
+	Timings  agent.Timings  `json:"timings"`
+	SlowDial bool           `json:"slow_dial,omitempty"`
+	Err      string         `json:"error,omitempty"`
+	EndedAt  time.Time      `json:"ended_at"`
+}
+
+func resultOf(r agent.Result, at time.Time) result {
+	out := result{Reason: r.Reason, ExitCode: r.ExitCode, Signal: r.Signal, Started: r.Started, BytesIn: r.BytesIn,
+		BytesOut: r.BytesOut, Empty: r.Empty, Timings: r.Timings, SlowDial: r.SlowDial, EndedAt: at}
+	if r.Err != nil {
+		out.Err = r.Err.Error()
+	}
+	return out
+}
+
+func (r result) agentResult() agent.Result {
+	out := agent.Result{Reason: r.Reason, ExitCode: r.ExitCode, Signal: r.Signal, Started: r.Started, BytesIn: r.BytesIn,
+		BytesOut: r.BytesOut, Empty: r.Empty, Timings: r.Timings, SlowDial: r.SlowDial}
+	if r.Err != "" {
+		out.Err = errors.New(r.Err)
+	}
+	return out
+}
+
+// writeFile writes v as JSON to dir/name through a temporary file and a
+// rename.
+func writeFile(dir, name string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, "."+name+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, name))
+}
+
+// maxRecordFile bounds what a daemon reads of a record's file.
+const maxRecordFile = 1 << 20
+
+func readFile(dir, name string, v any) error {
+	f, err := os.Open(filepath.Join(dir, name))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() || fi.Size() > maxRecordFile {
+		return fmt.Errorf("%s: not a regular file under %d bytes", f.Name(), maxRecordFile)
+	}
+	b := make([]byte, fi.Size())
+	if _, err := f.ReadAt(b, 0); err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%s: %w", f.Name(), err)
+	}
+	return nil
+}
+
+// claimReport makes dir's reported marker; only the first caller gets
+// true, so that one daemon alone logs a session's end.
+func claimReport(dir string) bool {
+	f, err := os.OpenFile(filepath.Join(dir, reportedFile), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return false
+	}
+	_ = f.Close()
+	return true
+}
+
+// makeStateDir makes STATE/sessions, owned by us and closed to others
+// (records name relays and users; control sockets end sessions).
+func makeStateDir(cfg Config) error {
+	dir := cfg.sessionsDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return &ConfigError{"--state-dir", err.Error()}
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return &ConfigError{"--state-dir", err.Error()}
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !fi.IsDir() || !ok || int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o077 != 0 {
+		return &ConfigError{"--state-dir", fmt.Sprintf("%s must be a directory of ours with mode 0700 (it holds the sessions' control sockets); fix it or pick another --state-dir", dir)}
+	}
+	return nil
+}

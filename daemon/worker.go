@@ -1,0 +1,283 @@
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+// workerArg is the argument a worker is started with (the agent's binary
+// re-executed, as the sandbox init is).
+const workerArg = "__session-worker"
+
+// Main runs this process as a session's worker when the daemon started it
+// as one, and never returns then. Call it first in main (and in TestMain
+// of tests that start daemons), after container.Main.
+func Main() {
+	if len(os.Args) == 2 && os.Args[1] == workerArg {
+		os.Exit(runWorker())
+	}
+}
+
+// A worker owns one session for its whole life: the relay connection (a
+// TLS state no other process can take over), the pty or pipes, the command
+// and its groups. It writes the session's record, runs agent.Run, writes
+// the result and exits. Losing its daemon changes nothing: every bound is
+// the session's own, kept here. fd 3 is the socket pair to the daemon that
+// started it.
+func runWorker() int {
+	// The command must not hold the daemon's end of things.
+	unix.CloseOnExec(3)
+	f := os.NewFile(3, "daemon")
+	fc, err := net.FileConn(f)
+	_ = f.Close()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "attach-agent worker: fd 3 is not the daemon's socket:", err)
+		return 2
+	}
+	daemonLink := newLink(fc.(*net.UnixConn))
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	// Signals that end the daemon or its terminal are not this session's
+	// business: a worker is in a session of its own (setsid) and handles
+	// SIGHUP and SIGINT by ignoring them (handled, not SIG_IGN, so that the
+	// command starts with them at their defaults). SIGPIPE on a log write
+	// to a gone stderr is an error, not a death. SIGTERM is what a system
+	// shutdown sends every process: the session ends as shutdown.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGPIPE, syscall.SIGTERM)
+	go func() {
+		for s := range sigs {
+			if s == syscall.SIGTERM {
+				cancel(ptyio.ErrShutdown)
+			}
+		}
+	}()
+
+	m, err := daemonLink.recv()
+	if err != nil || m.Type != "setup" || m.Config == nil {
+		return 0 // the daemon went away before it set us up: nothing to do
+	}
+	cfg := *m.Config
+	log, err := NewLogger(cfg.LogFormat, os.Stderr, nil)
+	if err != nil {
+		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	var tlsErr error
+	dial := cfg.Dial
+	if !dial.Plain {
+		dial.TLS, tlsErr = tlsdial.LoadTLS(cfg.CA, cfg.Cert, cfg.Key)
+	}
+
+	// A spare waits here, set up, until a session is ordered or its
+	// daemon no longer needs it (EOF).
+	m, err = daemonLink.recv()
+	if err != nil || m.Type != "order" || m.Order == nil {
+		return 0
+	}
+	o := *m.Order
+	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID)}
+	spec, err := w.prepare(o, dial, tlsErr)
+	if err != nil {
+		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
+		return 1
+	}
+	ln, err := w.listen()
+	if err != nil {
+		_ = os.RemoveAll(w.dir)
+		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
+		return 1
+	}
+	if err := writeFile(w.dir, workerFile, w.rec); err != nil {
+		_ = os.RemoveAll(w.dir)
+		_ = daemonLink.send(message{Type: "refused", Error: "writing the session's record: " + err.Error()})
+		return 1
+	}
+	w.add(daemonLink)
+	if err := daemonLink.send(message{Type: "accepted", Record: &w.rec}); err != nil {
+		// The daemon is gone already: the session is ours alone, and the
+		// next daemon finds its record.
+		w.log.Warn("worker: the daemon went away while the session started", "err", err.Error())
+	}
+	go w.serve(daemonLink)
+	go w.accept(ln)
+
+	res := agent.Run(ctx, spec, w.log)
+	r := resultOf(res, time.Now())
+	if err := writeFile(w.dir, resultFile, r); err != nil {
+		w.log.Error("worker: writing the session's result", "err", err.Error())
+	}
+	_ = ln.Close()
+	w.broadcast(message{Type: "ended", Result: &r})
+	return 0
+}
+
+type worker struct {
+	cfg    Config
+	log    *slog.Logger
+	id     string
+	dir    string
+	rec    record
+	cancel context.CancelCauseFunc
+
+	mu    sync.Mutex
+	links []*link
+}
+
+// prepare reads the order as the daemon did and makes the record's
+// directory.
+func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec, error) {
+	if tlsErr != nil {
+		return agent.Spec{}, fmt.Errorf("the relay's TLS settings: %w", tlsErr)
+	}
+	spec, err := specFor(w.cfg, o.Request)
+	if err != nil {
+		return spec, err
+	}
+	spec.Dial.TLS, spec.ID, spec.Caller, spec.DenyRoot = dial.TLS, o.ID, o.Caller, o.DenyRoot
+	if point := o.Request.Labels[w.cfg.FaultLabel]; w.cfg.FaultLabel != "" && point != "" {
+		spec.Fault = func(p string) {
+			if p == point {
+				panic("injected fault at " + p)
+			}
+		}
+	}
+	self, err := container.StartTime(os.Getpid())
+	if err != nil {
+		return spec, err
+	}
+	if err := os.Mkdir(w.dir, 0o700); err != nil {
+		return spec, fmt.Errorf("the session's record: %w", err)
+	}
+	w.rec = record{
+		V: recordVersion, ID: o.ID, PID: os.Getpid(), Start: self, StartedAt: time.Now(), About: spec.About(),
+		SecretHash: secretHash(spec.URL.Secret), Place: spec.Container.Place(),
+	}
+	if !spec.Container.IsZero() {
+		ctr := spec.Container
+		w.rec.Container = &ctr
+	}
+	crash := w.cfg.FaultLabel != "" && o.Request.Labels[w.cfg.FaultLabel] == "worker"
+	spec.Started = func(pid int) {
+		st, err := container.StartTime(pid)
+		if err == nil {
+			err = writeFile(w.dir, commandFile, process{pid, st})
+		}
+		if err != nil {
+			w.log.Warn("worker: recording the command's pid", "err", err.Error())
+		}
+		if crash {
+			go panic("injected crash of the worker") // not recovered: the whole process goes
+		}
+	}
+	return spec, nil
+}
+
+// listen makes the record's control socket, for daemons that adopt us.
+func (w *worker) listen() (*net.UnixListener, error) {
+	path := filepath.Join(w.dir, controlFile)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("the session's control socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(false) // the record goes with the daemon that reports the end
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// accept serves each daemon that connects: only our own uid (the
+// directory is 0700 too).
+func (w *worker) accept(ln *net.UnixListener) {
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		if !peerIs(c, os.Geteuid()) {
+			_ = c.Close()
+			continue
+		}
+		l := newLink(c)
+		w.add(l)
+		if err := l.send(message{Type: "hello", Record: &w.rec}); err != nil {
+			w.drop(l)
+			continue
+		}
+		go w.serve(l)
+	}
+}
+
+// serve takes a daemon's requests until it goes; its going ends nothing.
+func (w *worker) serve(l *link) {
+	defer w.drop(l)
+	for {
+		m, err := l.recv()
+		if err != nil {
+			return
+		}
+		if m.Type != "end" {
+			continue
+		}
+		switch m.Cause {
+		case causeShutdown:
+			w.cancel(ptyio.ErrShutdown)
+		default:
+			w.cancel(errors.New("deleted through the control API"))
+		}
+	}
+}
+
+func (w *worker) add(l *link) {
+	w.mu.Lock()
+	w.links = append(w.links, l)
+	w.mu.Unlock()
+}
+
+func (w *worker) drop(l *link) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for i, o := range w.links {
+		if o == l {
+			w.links = append(w.links[:i], w.links[i+1:]...)
+			break
+		}
+	}
+	l.close()
+}
+
+func (w *worker) broadcast(m message) {
+	w.mu.Lock()
+	links := append([]*link(nil), w.links...)
+	w.mu.Unlock()
+	for _, l := range links {
+		_ = l.send(m) // best effort: result.json is what counts
+		l.close()
+	}
+}
+
+// secretHash is what records keep of a secret: enough to refuse a second
+// session with it, nothing to pair with.
+func secretHash(secret string) string {
+	sum := sha256.Sum256([]byte(secret))
+	return hex.EncodeToString(sum[:])
+}
