@@ -17,6 +17,7 @@ import (
 
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/testroot"
 	"github.com/attach-agent/attach-agent/ptyio"
 )
@@ -215,7 +216,7 @@ func startContainerAs(t testing.TB, hostname string, userns bool, confine []stri
 			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
 			uts, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/uts", pid))
 			if string(comm) == "sleep\n" && uts != ownUTS { // not the wait loop's sleep
-				t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL); waitGone(t, pid) })
+				t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL); proctest.WaitGone(t, pid) })
 				return pid
 			}
 		}
@@ -245,7 +246,7 @@ func containerCgroups(t testing.TB, pid int) []string {
 			// Cleanups run last first: the container goes here, before its
 			// group can be removed.
 			_ = syscall.Kill(pid, syscall.SIGKILL)
-			waitGone(t, pid)
+			proctest.WaitGone(t, pid)
 			deadline := time.Now().Add(10 * time.Second)
 			for err := os.Remove(dir); err != nil; err = os.Remove(dir) {
 				if time.Now().After(deadline) {
@@ -622,7 +623,7 @@ func TestSandboxCommandHoldsOnlyItsTerminal(t *testing.T) {
 		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo ready; exec sleep 30"}, TTY: true},
 	})
 	c := h.client(t, u)
-	readUntil(t, c, "ready")
+	proctest.ReadUntil(t, c, "ready")
 	sleepPid := 0
 	deadline := time.Now().Add(10 * time.Second)
 	for sleepPid == 0 && time.Now().Before(deadline) {
@@ -665,7 +666,7 @@ func TestSandboxCommandHoldsOnlyItsTerminal(t *testing.T) {
 	if r := wait(t, res, 30*time.Second); r.Reason != ptyio.ReasonExited || r.ExitCode != 128+int(syscall.SIGTERM) {
 		t.Errorf("result %v: want exited 143", r)
 	}
-	waitGone(t, sleepPid)
+	proctest.WaitGone(t, sleepPid)
 }
 
 // childrenOf lists pid's children, forked by any of its threads.
@@ -718,7 +719,7 @@ func TestSandboxLimits(t *testing.T) {
 		Process:   ptyio.Spec{Argv: []string{"/bin/sh", "-c", "echo nofile=$(ulimit -n) nproc=$(ulimit -u); read x"}, TTY: true},
 	})
 	c := h.client(t, u)
-	if got := readUntil(t, c, "\n"); !strings.Contains(got, "nofile=64 nproc=4000") {
+	if got := proctest.ReadUntil(t, c, "\n"); !strings.Contains(got, "nofile=64 nproc=4000") {
 		t.Errorf("rlimits inside: %q", got)
 	}
 	dirs := ownCgroups("sandbox")
@@ -754,21 +755,6 @@ func TestSandboxLimits(t *testing.T) {
 	waitLeftovers(t, before)
 }
 
-// readUntil reads from c until what it has read contains s.
-func readUntil(t testing.TB, c io.Reader, s string) string {
-	t.Helper()
-	var got []byte
-	buf := make([]byte, 256)
-	for !strings.Contains(string(got), s) {
-		n, err := c.Read(buf)
-		if err != nil {
-			t.Fatalf("waiting for %q, read %q: %v", s, got, err)
-		}
-		got = append(got, buf[:n]...)
-	}
-	return string(got)
-}
-
 // A client that vanishes ends a sandboxed session as it does a host one:
 // the hangup reaches the command through the init, and a command that
 // ignores HUP and TERM goes with the init at the kill; nothing is left.
@@ -791,7 +777,7 @@ func TestSandboxClientVanishes(t *testing.T) {
 				Pump:      ptyio.Config{TermDelay: 100 * time.Millisecond, KillGrace: 300 * time.Millisecond},
 			})
 			c := h.client(t, u)
-			readUntil(t, c, "ready\n")
+			proctest.ReadUntil(t, c, "ready\n")
 			_ = c.Raw.(*net.TCPConn).SetLinger(0) // a reset, no close_notify
 			_ = c.Raw.Close()
 			r := wait(t, res, 30*time.Second)
@@ -930,7 +916,7 @@ func TestHostSessionLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) }) // should be gone already
-	waitGone(t, pid)
+	proctest.WaitGone(t, pid)
 	waitLeftovers(t, before)
 }
 
@@ -1105,7 +1091,7 @@ func TestJoinTargetGoneBeforePairing(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
-	waitGone(t, pid)
+	proctest.WaitGone(t, pid)
 	c := hh.client(t, u)
 	got, _ := io.ReadAll(c)
 	_ = c.Close()
@@ -1182,7 +1168,7 @@ func TestHostForkLoopHeldByPidsLimit(t *testing.T) {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		left := sleepers("3131")
+		left := proctest.Sleepers("3131")
 		if len(left) == 0 {
 			break
 		}
@@ -1194,23 +1180,6 @@ func TestHostForkLoopHeldByPidsLimit(t *testing.T) {
 	if after := ownCgroups("session"); len(after) != len(before) {
 		t.Errorf("session cgroups before %v, after %v", before, after)
 	}
-}
-
-// sleepers are the pids of live "sleep ARG" processes.
-func sleepers(arg string) []int {
-	var out []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err == nil && string(b) == "sleep\x00"+arg+"\x00" && !gone(pid) {
-			out = append(out, pid)
-		}
-	}
-	return out
 }
 
 // A container whose process runs under a seccomp filter: the joined
@@ -1270,7 +1239,7 @@ func v2Group(t *testing.T, pid int) string {
 	}
 	t.Cleanup(func() {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
-		waitGone(t, pid)
+		proctest.WaitGone(t, pid)
 		deadline := time.Now().Add(10 * time.Second)
 		for os.Remove(dir) != nil && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond) // until the kernel lets go of its processes

@@ -9,10 +9,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -123,31 +121,6 @@ func echo(c *tlsdial.Conn, data []byte) ([]byte, error) {
 func sum(b []byte) string { return fmt.Sprintf("%x", sha256.Sum256(b)) }
 
 func sh(script string) []string { return []string{"/bin/sh", "-c", script} }
-
-// gone reports whether pid has exited (or is a zombie nobody will reap).
-func gone(pid int) bool {
-	if err := syscall.Kill(pid, 0); err != nil {
-		return true
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
-}
-
-func waitGone(t testing.TB, pid int) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !gone(pid) {
-		if time.Now().After(deadline) {
-			t.Fatalf("process %d still running", pid)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 func stripMarker(b []byte) ([]byte, int, bool) {
 	var out bytes.Buffer

@@ -17,6 +17,7 @@ import (
 
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/internal/netnstest"
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -252,7 +253,7 @@ func TestIdleTimeout(t *testing.T) {
 		if !strings.Contains(string(got), "attach-agent: session ended: idle for 300ms") {
 			t.Errorf("client got %q, want the idle notice", got)
 		}
-		waitGone(t, readPid(t, pidFile))
+		proctest.WaitGone(t, readPid(t, pidFile))
 	})
 }
 
@@ -324,7 +325,7 @@ func TestBackgroundChildDoesNotHoldSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitGone(t, pid)
+	proctest.WaitGone(t, pid)
 }
 
 func TestWindowSizeAndEnvironment(t *testing.T) {
@@ -594,7 +595,7 @@ func TestClientCloseIsAHangUp(t *testing.T) {
 			tc.pump.KillGrace = 2 * time.Second
 			u, res := h.session(t, agent.Spec{Process: tc.proc, Pump: tc.pump})
 			c := h.client(t, u)
-			if got := readUntil(t, c, "started"); !strings.Contains(got, "started") {
+			if got := proctest.ReadUntil(t, c, "started"); !strings.Contains(got, "started") {
 				t.Fatalf("read %q", got)
 			}
 			// What the Heroku CLI does on Ctrl-C: close_notify and FIN.

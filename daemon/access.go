@@ -84,13 +84,13 @@ func (a Access) allows(c Caller) bool {
 func (a Access) check(spec agent.Spec) error {
 	ctr := spec.Container
 	if !a.AllowRootUser && isRootSpec(spec.User) {
-		return &PolicyError{"running the command as root (give \"user\")", "--allow-root-user"}
+		return &PolicyError{What: "running the command as root (give \"user\")", Flag: "--allow-root-user"}
 	}
 	if !a.AllowJoin && ctr.PID != 0 {
-		return &PolicyError{"joining a running container", "--allow-join"}
+		return &PolicyError{What: "joining a running container", Flag: "--allow-join"}
 	}
 	if !a.AllowPrivileged && ctr.Privileged {
-		return &PolicyError{"a privileged sandbox", "--allow-privileged"}
+		return &PolicyError{What: "a privileged sandbox", Flag: "--allow-privileged"}
 	}
 	if ctr.Rootfs != "" && len(a.RootfsUnder) > 0 {
 		// Links resolved, so that DIR/link -> /etc or DIR/link/.. is not
@@ -99,7 +99,7 @@ func (a Access) check(spec agent.Spec) error {
 		// not be writable by callers.)
 		rootfs, err := filepath.EvalSymlinks(ctr.Rootfs)
 		if err != nil {
-			return &PolicyError{fmt.Sprintf("rootfs %s: %v", ctr.Rootfs, err), "--rootfs-under"}
+			return &PolicyError{What: fmt.Sprintf("rootfs %s: %v", ctr.Rootfs, err), Flag: "--rootfs-under"}
 		}
 		in := false
 		for _, dir := range a.RootfsUnder {
@@ -112,7 +112,7 @@ func (a Access) check(spec agent.Spec) error {
 			}
 		}
 		if !in {
-			return &PolicyError{fmt.Sprintf("rootfs %s outside %s", ctr.Rootfs, strings.Join(a.RootfsUnder, ", ")), "--rootfs-under"}
+			return &PolicyError{What: fmt.Sprintf("rootfs %s outside %s", ctr.Rootfs, strings.Join(a.RootfsUnder, ", ")), Flag: "--rootfs-under"}
 		}
 	}
 	return nil

@@ -92,21 +92,28 @@ type Config struct {
 	FaultLabel string `json:"fault_label,omitempty"`
 
 	Version string `json:"-"`
-	// Stderr takes text and JSON logs, the daemon's and its workers' (a
-	// file, not a pipe the daemon would drain: workers outlive it); nil:
-	// os.Stderr.
-	Stderr *os.File `json:"-"`
+	// Stderr takes the daemon's text and JSON logs; nil: os.Stderr.
+	// Workers write theirs to it when it is a file, else to os.Stderr (a
+	// worker outlives the daemon, and with it anything the daemon copies).
+	Stderr io.Writer `json:"-"`
 	// Journal sends journald entries (nil: journal.Send); for tests.
 	Journal JournalSender `json:"-"`
 
 	onChange func(active int) // the daemon's systemd status
 }
 
-func (c Config) stderr() *os.File {
+func (c Config) stderr() io.Writer {
 	if c.Stderr == nil {
 		return os.Stderr
 	}
 	return c.Stderr
+}
+
+func (c Config) workerStderr() *os.File {
+	if f, ok := c.Stderr.(*os.File); ok {
+		return f
+	}
+	return os.Stderr
 }
 
 // DefaultConfig is the daemon's configuration with every default filled

@@ -156,7 +156,7 @@ func (m *Manager) startWorker() (*spare, error) {
 	cmd := exec.Command(m.self, workerArg)
 	cmd.Env = m.env
 	cmd.ExtraFiles = []*os.File{theirs}
-	cmd.Stderr = m.cfg.stderr()
+	cmd.Stderr = m.cfg.workerStderr()
 	// A session of its own: the daemon's terminal and process group
 	// signals (Ctrl-C on a foreground serve) are not the worker's.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, PidFD: &pidfd}
@@ -381,9 +381,10 @@ func (m *Manager) finish(s *managed) {
 	}
 	m.running--
 	m.mu.Unlock()
+	// Logged and counted before anyone waiting hears of the end.
+	m.report(dir, s.id, s.rec, res)
 	close(s.done)
 	m.changed()
-	m.report(dir, s.id, s.rec, res)
 }
 
 // lost ends what a worker that died without a result left: its command's

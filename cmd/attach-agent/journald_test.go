@@ -89,7 +89,7 @@ func TestServeRealJournald(t *testing.T) {
 	control := filepath.Join(t.TempDir(), "control.sock")
 	// serve joins journald's mount namespace, where the journal socket is.
 	cmd := exec.Command("nsenter", "--target", fmt.Sprint(journald), "--mount", "--",
-		bin, "serve", "--log-format", "journald", "--ca", relay.CAFile(t), "--control", control, "--metrics-listen", "")
+		bin, "serve", "--log-format", "journald", "--ca", relay.CAFile(t), "--control", control, "--metrics-listen", "", "--state-dir", filepath.Join(t.TempDir(), "state"))
 	var stderr syncBuf
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -139,6 +139,11 @@ func TestServeRealJournald(t *testing.T) {
 		t.Fatalf("client got %q", got)
 	}
 	_ = c.Close()
+	// The end is this daemon's to log once it has seen it (a SIGTERM
+	// before would hand the session to the next daemon).
+	if resp, err := hc.Get("http://agent/v1/sessions/" + id + "?wait=20s"); err == nil {
+		_ = resp.Body.Close()
+	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/container"
+	"github.com/attach-agent/attach-agent/daemon"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/internal/testroot"
@@ -29,6 +30,7 @@ import (
 
 func TestMain(m *testing.M) {
 	container.Main() // this binary is re-executed as the sandbox init
+	daemon.Main()    // and as each session's worker (serve tests run in-process)
 	leakcheck.Main(m)
 }
 
@@ -262,7 +264,7 @@ func TestAttachAgentFailuresExit125(t *testing.T) {
 // The demo in a sandbox: `demo --rootfs` as the README shows it, with a
 // static busybox as the root's only program.
 func TestDemoInASandbox(t *testing.T) {
-	root := busyboxRoot(t)
+	root := testroot.Root(t)
 	var out, errb syncBuf
 	code := run(context.Background(), []string{"demo", "--no-tty", "--rootfs", root, "--hostname", "demo-box", "--limit-pids", "64", "--",
 		"/bin/sh", "-c", "cat; hostname; cat /proc/1/cmdline; exit 4"},
@@ -281,26 +283,10 @@ func TestDemoRunsACommand(t *testing.T) {
 	}
 }
 
-// busyboxRoot is a root filesystem with a static busybox as its only
-// program (as root; skipped otherwise).
-func busyboxRoot(t *testing.T) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	bb := testroot.Busybox(t)
-	root := t.TempDir()
-	if out, err := exec.Command("sh", "-c", `mkdir -p "$1/bin" && cp "$2" "$1/bin/busybox" && for a in sh hostname cat sleep echo; do ln -s busybox "$1/bin/$a"; done`,
-		"sh", root, bb).CombinedOutput(); err != nil {
-		t.Fatalf("%v: %s", err, out)
-	}
-	return root
-}
-
 // An agent that dies (SIGKILL: no cleanup of its own) takes its sandbox
 // with it: the init's lifeline ends and nothing is left running.
 func TestSandboxDiesWithTheAgent(t *testing.T) {
-	root := busyboxRoot(t)
+	root := testroot.Root(t)
 	bin := buildAgent(t)
 	relay := relaytest.Start(t, nil)
 	u := relay.URL("lifeline")
@@ -393,7 +379,7 @@ func asNobody(t *testing.T, bin string, args ...string) (int, string) {
 // Without root, what needs root fails at once as the agent's failure
 // (125, not the command's 126) and says why; the command never runs.
 func TestNeedsRoot(t *testing.T) {
-	root := busyboxRoot(t) // skips unless root
+	root := testroot.Root(t) // skips unless root
 	bin := buildAgent(t)
 	if err := os.Chmod(root, 0o755); err != nil {
 		t.Fatal(err)

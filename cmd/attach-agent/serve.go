@@ -75,9 +75,7 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	dcfg.TLS = nil // each worker makes its own from the files
 	cfg.Dial, cfg.CA, cfg.Cert, cfg.Key = dcfg, d.ca, d.cert, d.key
 	cfg.Version = version
-	if f, ok := io.err.(*os.File); ok {
-		cfg.Stderr = f
-	}
+	cfg.Stderr = io.err
 	// For the tests of this binary only: a request label that makes its
 	// session's worker panic (see daemon.Config.FaultLabel).
 	cfg.FaultLabel = os.Getenv("ATTACH_AGENT_TEST_FAULT_LABEL")

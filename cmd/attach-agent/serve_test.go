@@ -42,7 +42,7 @@ func TestServe(t *testing.T) {
 	var stderr syncBuf
 	done := make(chan int, 1)
 	go func() {
-		done <- run(ctx, []string{"serve", "--ca", relay.CAFile(t), "--control", control,
+		done <- run(ctx, []string{"serve", "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"),
 			"--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--shutdown-grace", "5s"},
 			stdio{strings.NewReader(""), io.Discard, &stderr})
 	}()
@@ -150,8 +150,10 @@ func TestServeBadFlags(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"serve", "--log-format", "xml"}, `--log-format "xml"`},
-		{[]string{"serve", "--max-sessions", "0"}, "must be positive"},
+		{[]string{"serve", "--log-format", "xml"}, `--log-format: "xml": want journald, text, json or auto`},
+		{[]string{"serve", "--max-sessions", "0"}, "--max-sessions: 0: want 1 or more"},
+		{[]string{"serve", "--on-sigterm", "stop"}, `--on-sigterm: "stop": want handover or drain`},
+		{[]string{"serve", "--state-dir", "rel"}, `--state-dir: "rel": want an absolute path`},
 		{[]string{"serve", "extra"}, `unexpected argument "extra"`},
 	} {
 		code, _, stderr := runCLI(tc.args...)
@@ -170,130 +172,6 @@ func TestServeBadFlags(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(f); string(b) != "keep me" {
 		t.Fatal("serve clobbered a regular file")
-	}
-}
-
-// TestServeSIGTERM runs the real binary and signals it: the running
-// session finishes its output, new sessions get 503, the agent exits 0; a
-// second signal during the grace ends the rest at once with shutdown.
-func TestServeSIGTERM(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary")
-	}
-	dir := t.TempDir()
-	bin := buildAgent(t)
-	relay := relaytest.Start(t, nil)
-	control := filepath.Join(dir, "control.sock")
-	var stderr syncBuf
-	cmd := exec.Command(bin, "serve", "--ca", relay.CAFile(t), "--control", control, "--metrics-listen", "", "--shutdown-grace", "1m")
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	var waitErr error
-	go func() { waitErr = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill() // no-op once it has exited
-		<-exited
-	})
-	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", control)
-	}}, Timeout: 30 * time.Second}
-	post := func(secret, command string) (int, map[string]any) {
-		u := relay.URL(secret)
-		body := fmt.Sprintf(`{"attach_url": "rendezvous://%s/%s", "command": %s, "tty": false}`, u.Addr(), secret, command)
-		resp, err := hc.Post("http://agent/v1/sessions", "application/json", strings.NewReader(body))
-		if err != nil {
-			return 0, nil
-		}
-		defer resp.Body.Close()
-		var v map[string]any
-		_ = json.NewDecoder(resp.Body).Decode(&v)
-		return resp.StatusCode, v
-	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if code, _ := post("finishes", `"read x; echo done $x"`); code == 201 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("serve never answered:\n%s", stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if code, _ := post("never-ends", `["sleep", "1000"]`); code != 201 {
-		t.Fatalf("second POST: %d", code)
-	}
-	attach := func(secret string) *tlsdial.Conn {
-		c, err := tlsdial.Dial(context.Background(), relay.URL(secret), relay.Dial)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
-		if err := c.Pair(context.Background(), secret, 20*time.Second); err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-		return c
-	}
-	c1, c2 := attach("finishes"), attach("never-ends")
-
-	// SIGHUP is logged, and nothing else happens: the sessions and the
-	// API go on.
-	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(stderr.String(), "SIGHUP"); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("no SIGHUP line in the log:\n%s", stderr.String())
-		}
-	}
-	if code, _ := post("after-hup", `"true"`); code != http.StatusCreated {
-		t.Fatalf("POST after SIGHUP: %d", code)
-	}
-
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	deadline = time.Now().Add(10 * time.Second)
-	for {
-		code, _ := post("late", `"true"`)
-		if code == http.StatusServiceUnavailable {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("POST after SIGTERM got %d, want 503", code)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if _, err := io.WriteString(c1, "ok\n"); err != nil {
-		t.Fatal(err)
-	}
-	if got, _ := io.ReadAll(c1); string(got) != "done ok\n" {
-		t.Fatalf("running session during shutdown: %q", got)
-	}
-	select {
-	case <-exited:
-		t.Fatal("serve exited while a session was still running inside the grace")
-	default:
-	}
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil { // the second signal
-		t.Fatal(err)
-	}
-	if got, _ := io.ReadAll(c2); !strings.Contains(string(got), "the agent is shutting down") {
-		t.Fatalf("cut session's client got %q", got)
-	}
-	select {
-	case <-exited:
-		if waitErr != nil {
-			t.Fatalf("serve: %v\n%s", waitErr, stderr.String())
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("serve did not exit after the second signal")
-	}
-	if !strings.Contains(stderr.String(), "reason=shutdown") || !strings.Contains(stderr.String(), "reason=exited") {
-		t.Fatalf("log lacks the two session ends:\n%s", stderr.String())
 	}
 }
 

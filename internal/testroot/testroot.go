@@ -34,6 +34,23 @@ func Busybox(t testing.TB) string {
 	return bb
 }
 
+// Root is a root filesystem with a static busybox as its only program
+// (sh, hostname, cat, sleep and echo linked to it), as root; the test is
+// skipped otherwise.
+func Root(t testing.TB) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	bb := Busybox(t)
+	root := t.TempDir()
+	if out, err := exec.Command("sh", "-c", `mkdir -p "$1/bin" && cp "$2" "$1/bin/busybox" && for a in sh hostname cat sleep echo id; do ln -s busybox "$1/bin/$a"; done`,
+		"sh", root, bb).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	return root
+}
+
 // Probe builds the probe command (statically, so it runs in any root) and
 // returns its path.
 func Probe(t testing.TB) string {

@@ -1,146 +1,30 @@
-package agent_test
+package daemon_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/attach-agent/attach-agent/agent"
-	"github.com/attach-agent/attach-agent/internal/relaytest"
+	"github.com/attach-agent/attach-agent/daemon"
+	"github.com/attach-agent/attach-agent/internal/proctest"
+	"github.com/attach-agent/attach-agent/internal/testroot"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
-type daemon struct {
-	env     *relaytest.Env
-	mgr     *agent.Manager
-	reg     *prometheus.Registry
-	metrics *agent.Metrics
-	srv     *httptest.Server
-	client  *http.Client
-	logs    *syncBuffer
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func newDaemon(t *testing.T, cfg agent.ManagerConfig) *daemon {
-	t.Helper()
-	a := agent.DefaultAccess()
-	a.UIDs = []uint32{uint32(os.Getuid())}
-	return newDaemonWith(t, cfg, a)
-}
-
-// newDaemonWith serves the API on a unix socket, as the daemon does, so
-// that its peer credentials are there to check.
-func newDaemonWith(t *testing.T, cfg agent.ManagerConfig, a agent.Access) *daemon {
-	t.Helper()
-	d := &daemon{env: relaytest.Start(t, nil), reg: prometheus.NewRegistry(), logs: &syncBuffer{}}
-	cfg.Dial = d.env.Dial
-	d.metrics = agent.NewMetrics(d.reg)
-	cfg.Metrics = d.metrics
-	cfg.Logger = slog.New(slog.NewJSONHandler(d.logs, nil))
-	d.mgr = agent.NewManager(cfg)
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.srv = httptest.NewUnstartedServer(agent.NewAPI(d.mgr, a))
-	_ = d.srv.Listener.Close()
-	d.srv.Listener = ln
-	d.srv.Config.ConnContext = agent.ConnContext
-	d.srv.Start()
-	d.client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-	}}}
-	t.Cleanup(func() {
-		d.srv.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 0)
-		defer cancel()
-		d.mgr.Shutdown(ctx)
-	})
-	return d
-}
-
-func (d *daemon) do(t *testing.T, method, path, body string) (int, map[string]any) {
-	t.Helper()
-	req, err := http.NewRequest(method, "http://agent"+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := d.client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var out map[string]any
-	b, _ := io.ReadAll(resp.Body)
-	if err := json.Unmarshal(b, &out); err != nil {
-		t.Fatalf("%s %s: body %q is not JSON: %v", method, path, b, err)
-	}
-	return resp.StatusCode, out
-}
-
-func (d *daemon) post(t *testing.T, secret, extra string) string {
-	t.Helper()
-	u := d.env.URL(secret)
-	body := fmt.Sprintf(`{"attach_url": %q, %s}`, "rendezvous://"+u.Addr()+"/"+secret, extra)
-	code, v := d.do(t, "POST", "/v1/sessions", body)
-	if code != http.StatusCreated {
-		t.Fatalf("POST: %d %v", code, v)
-	}
-	return v["id"].(string)
-}
-
-func (d *daemon) attach(t *testing.T, secret string) *tlsdial.Conn {
-	t.Helper()
-	u := d.env.URL(secret)
-	c, err := tlsdial.Dial(context.Background(), u, d.env.Dial)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Pair(context.Background(), secret, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
-	return c
-}
-
 func TestAPIWholePath(t *testing.T) {
-	d := newDaemon(t, agent.ManagerConfig{})
+	d := newDaemon(t, nil)
 	id := d.post(t, "api-secret-1", `"command": "echo hello from the dyno; exit 6", "tty": false, "labels": {"app": "shop", "dyno": "run_1"}`)
 	c := d.attach(t, "api-secret-1")
 	got, err := io.ReadAll(c)
@@ -185,7 +69,7 @@ func TestAPIWholePath(t *testing.T) {
 }
 
 func TestAPIBadRequests(t *testing.T) {
-	d := newDaemon(t, agent.ManagerConfig{MaxPairTimeout: time.Minute})
+	d := newDaemon(t, func(c *daemon.Config) { c.MaxPairTimeout = time.Minute })
 	url := `"attach_url": "rendezvous://127.0.0.1:1/s"`
 	for _, tc := range []struct {
 		body string
@@ -215,7 +99,7 @@ func TestAPIBadRequests(t *testing.T) {
 		{`{` + url + `, "command": "true", "container": {"pid": "9"}}`, 400, "container: want {\"pid\": N}"},
 		{`{` + url + `, "command": "true", "container": {"rootfs": "/srv/x", "limits": {"cpus": 2}}}`, 400, `unknown field "cpus"`},
 		{`{` + url + `, "command": "true"}{}`, 400, "more than one object"},
-		{`{"attach_url": "` + strings.Repeat("a", agent.MaxRequestBody) + `"}`, 413, "request body over"},
+		{`{"attach_url": "` + strings.Repeat("a", daemon.MaxRequestBody) + `"}`, 413, "request body over"},
 	} {
 		code, v := d.do(t, "POST", "/v1/sessions", tc.body)
 		if code != tc.code || !strings.Contains(fmt.Sprint(v["error"]), tc.want) {
@@ -231,7 +115,7 @@ func TestAPIBadRequests(t *testing.T) {
 }
 
 func TestAPIHundredSessionsAndMetrics(t *testing.T) {
-	d := newDaemon(t, agent.ManagerConfig{})
+	d := newDaemon(t, nil)
 	const n = 100
 	ids := make([]string, n)
 	for i := range n {
@@ -306,22 +190,23 @@ attach_agent_bytes_total{direction="out"} %d
 	}
 }
 
-func TestShutdown(t *testing.T) {
-	d := newDaemon(t, agent.ManagerConfig{})
-	// One session finishes its output within the grace.
+// Drain: no new sessions; a running one finishes within the grace, one
+// that would not is ended with reason shutdown and its client told so.
+func TestDrain(t *testing.T) {
+	d := newDaemon(t, nil)
 	id := d.post(t, "sd-1", `"command": "read x; echo finished $x", "tty": false`)
 	c := d.attach(t, "sd-1")
-	// One will not end by itself.
 	id2 := d.post(t, "sd-2", `"command": ["sleep", "1000"]`)
 	c2 := d.attach(t, "sd-2")
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	done := make(chan struct{})
-	go func() { d.mgr.Shutdown(ctx); close(done) }()
+	done := make(chan []daemon.View)
+	go func() { done <- d.mgr.Drain(context.Background(), 2*time.Second) }()
 	waitFor(t, func() bool { return d.mgr.Closing() })
 	if code, v := d.do(t, "POST", "/v1/sessions", `{"attach_url": "rendezvous://127.0.0.1:1/x", "command": "true"}`); code != 503 {
-		t.Fatalf("POST while shutting down: %d %v", code, v)
+		t.Fatalf("POST while draining: %d %v", code, v)
+	}
+	if code, _ := d.do(t, "GET", "/healthz", ""); code != 503 {
+		t.Fatalf("healthz while draining: %d", code)
 	}
 	if _, err := io.WriteString(c, "ok\n"); err != nil {
 		t.Fatal(err)
@@ -330,7 +215,10 @@ func TestShutdown(t *testing.T) {
 		t.Fatalf("the running session's output: %q", got)
 	}
 	notice, _ := io.ReadAll(c2)
-	<-done
+	views := <-done
+	if len(views) != 2 {
+		t.Fatalf("drain returned %v", views)
+	}
 	if v, _ := d.mgr.Get(id); v.Reason != string(ptyio.ReasonExited) {
 		t.Fatalf("first session: %+v", v)
 	}
@@ -353,25 +241,24 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 }
 
-// The API's user and container fields reach the session: here a command
-// as nobody inside a running container.
+// The API's user and container fields reach the session, in its worker:
+// here a command as nobody in a sandbox.
 func TestAPIUserAndContainer(t *testing.T) {
-	needRoot(t)
-	pid := startContainer(t, "api-dyno", false)
-	d := newDaemon(t, agent.ManagerConfig{})
-	id := d.post(t, "api-ctr-1", fmt.Sprintf(`"command": "echo $(id -un) on $(hostname)", "tty": false, "user": "nobody", "container": {"pid": %d}`, pid))
+	root := testroot.Root(t)
+	d := newDaemon(t, nil)
+	id := d.post(t, "api-ctr-1", fmt.Sprintf(`"command": "echo $(id -u) on $(hostname)", "tty": false, "user": "65534:65534", "container": {"rootfs": %q, "hostname": "api-dyno"}`, root))
 	c := d.attach(t, "api-ctr-1")
 	got, err := io.ReadAll(c)
-	if err != nil || string(got) != "nobody on api-dyno\n" {
-		t.Fatalf("client got %q, %v", got, err)
+	if err != nil || string(got) != "65534 on api-dyno\n" {
+		t.Fatalf("client got %q, %v\n%s", got, err, d.workerLogs(t))
 	}
 	_ = c.Close()
 	code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", "")
-	if v["reason"] != "exited" || v["exit_code"] != float64(0) || v["user"] != "nobody" ||
-		fmt.Sprint(v["container"]) != fmt.Sprintf("map[pid:%d]", pid) {
+	if v["reason"] != "exited" || v["exit_code"] != float64(0) || v["user"] != "65534:65534" ||
+		fmt.Sprint(v["container"].(map[string]any)["rootfs"]) != root {
 		t.Fatalf("GET wait: %d %v", code, v)
 	}
-	// The spawn histogram counts it under place="join", and nothing elsewhere.
+	// The spawn histogram counts it under place="sandbox", and nothing elsewhere.
 	fams, err := d.reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -384,7 +271,7 @@ func TestAPIUserAndContainer(t *testing.T) {
 			}
 		}
 	}
-	if want := map[string]uint64{"host": 0, "join": 1, "sandbox": 0}; fmt.Sprint(counts) != fmt.Sprint(want) {
+	if want := map[string]uint64{"host": 0, "join": 0, "sandbox": 1}; fmt.Sprint(counts) != fmt.Sprint(want) {
 		t.Errorf("spawn histogram counts %v, want %v", counts, want)
 	}
 	if problems, err := testutil.GatherAndLint(d.reg); err != nil || len(problems) > 0 {
@@ -396,14 +283,15 @@ func TestAPIUserAndContainer(t *testing.T) {
 // get in, the caller is in the view and the log, and the operator's policy
 // bounds what an allowed caller may ask, each refusal naming its flag.
 func TestAPICallerAndPolicy(t *testing.T) {
-	d := newDaemonWith(t, agent.ManagerConfig{}, agent.Access{UIDs: []uint32{54321}, GIDs: []uint32{54321}})
+	d := newDaemon(t, func(c *daemon.Config) { c.Access = daemon.Access{UIDs: []uint32{54321}, GIDs: []uint32{54321}} })
 	code, v := d.do(t, "GET", "/v1/sessions", "")
 	if code != http.StatusForbidden || !strings.Contains(fmt.Sprint(v["error"]), fmt.Sprintf("uid %d", os.Getuid())) || !strings.Contains(fmt.Sprint(v["error"]), "--allow-uid") {
 		t.Errorf("a caller not allowed: %d %v", code, v)
 	}
 
-	a := agent.Access{UIDs: []uint32{uint32(os.Getuid())}, AllowRootUser: false, RootfsUnder: []string{"/srv/slugs"}}
-	d = newDaemonWith(t, agent.ManagerConfig{}, a)
+	d = newDaemon(t, func(c *daemon.Config) {
+		c.Access = daemon.Access{UIDs: []uint32{uint32(os.Getuid())}, AllowRootUser: false, RootfsUnder: []string{"/srv/slugs"}}
+	})
 	url := func(s string) string { u := d.env.URL(s); return "rendezvous://" + u.Addr() + "/" + s }
 	for _, tc := range []struct{ body, flag string }{
 		{`"command": "true"`, "--allow-root-user"},
@@ -450,8 +338,8 @@ func TestAPICallerAndPolicy(t *testing.T) {
 
 // A connection with no peer credentials (not the unix socket) is refused.
 func TestAPIRefusesWithoutPeerCredentials(t *testing.T) {
-	mgr := agent.NewManager(agent.ManagerConfig{})
-	srv := httptest.NewServer(agent.NewAPI(mgr, agent.DefaultAccess()))
+	d := newDaemon(t, nil)
+	srv := httptest.NewServer(daemon.NewAPI(d.mgr, daemon.DefaultAccess(), time.Second))
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/v1/sessions")
 	if err != nil {
@@ -464,42 +352,48 @@ func TestAPIRefusesWithoutPeerCredentials(t *testing.T) {
 	}
 }
 
-// A panic in one session's goroutine ends that session alone (agent_error,
-// its command killed, the stack in the log, the client told only the
-// session's ID); another session and the daemon go on.
+// A panic in one session's worker ends that session alone (agent_error,
+// its command killed, the stack in the worker's log, the client told only
+// the session's ID); so does a crash of the worker itself (as an OOM kill
+// would end it: no result, the daemon ends its command). Another session
+// and the daemon go on.
 func TestPanicEndsOneSession(t *testing.T) {
-	for _, point := range []string{"started", "output"} {
+	for _, point := range []string{"started", "output", "worker"} {
 		t.Run(point, func(t *testing.T) {
-			var armed atomic.Bool
-			d := newDaemon(t, agent.ManagerConfig{Fault: func(p string) {
-				if p == point && armed.CompareAndSwap(true, false) {
-					panic("injected at " + p + " in /host/path/secret.go")
-				}
-			}})
-			survivor := d.post(t, "survivor-"+point, `"command": "echo up; exec sleep 60", "tty": false`)
+			d := newDaemon(t, func(c *daemon.Config) { c.FaultLabel = "fault" })
+			survivor := d.post(t, "survivor-"+point, `"command": "echo up; exec sleep 61", "tty": false`)
 			sc := d.attach(t, "survivor-"+point)
-			if got := readUntil(t, sc, "up\n"); !strings.Contains(got, "up") {
+			if got := proctest.ReadUntil(t, sc, "up\n"); !strings.Contains(got, "up") {
 				t.Fatalf("survivor: %q", got)
 			}
-			armed.Store(true)
-			victim := d.post(t, "victim-"+point, `"command": "echo doomed; echo $$ > /dev/null; exec sleep 60", "tty": false`)
+			victim := d.post(t, "victim-"+point, `"command": "echo doomed; exec sleep 62", "tty": false, "labels": {"fault": "`+point+`"}`)
 			vc := d.attach(t, "victim-"+point)
 			got, _ := io.ReadAll(vc)
 			_, v := d.do(t, "GET", "/v1/sessions/"+victim+"?wait=30s", "")
 			if v["reason"] != "agent_error" || v["exit_code"] == float64(0) {
 				t.Fatalf("victim: %v", v)
 			}
-			if !strings.Contains(string(got), "internal error in the agent (session "+victim+")") || strings.Contains(string(got), "/host/path") {
-				t.Errorf("victim's client saw %q: want the session's ID and no host detail", got)
+			if point == "worker" {
+				if !strings.Contains(fmt.Sprint(v["error"]), "worker ended without a result") || !strings.Contains(d.logs.String(), "session worker lost") {
+					t.Errorf("victim %v, daemon log %s: want the lost worker named", v, d.logs.String())
+				}
+			} else {
+				if !strings.Contains(string(got), "internal error in the agent (session "+victim+")") || strings.Contains(string(got), "injected") {
+					t.Errorf("victim's client saw %q: want the session's ID and no detail", got)
+				}
+				if logs := d.workerLogs(t); !strings.Contains(logs, "session panic") || !strings.Contains(logs, "goroutine") {
+					t.Errorf("no stack in the worker's log: %s", logs)
+				}
 			}
-			if !strings.Contains(d.logs.String(), "session panic") || !strings.Contains(d.logs.String(), "goroutine") {
-				t.Errorf("no stack in the log: %s", d.logs.String())
-			}
-			if len(sleepers("60")) != 1 {
-				t.Errorf("sleep 60 processes %v: want the survivor's alone", sleepers("60"))
+			waitFor(t, func() bool { return len(proctest.Sleepers("62")) == 0 })
+			if len(proctest.Sleepers("61")) != 1 {
+				t.Errorf("sleep 61 processes %v: want the survivor's", proctest.Sleepers("61"))
 			}
 			if _, v := d.do(t, "GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" {
 				t.Errorf("survivor: %v", v)
+			}
+			if n := strings.Count(d.logs.String(), `"msg":"session ended"`); n != 1 {
+				t.Errorf("%d session ended lines, want the victim's one:\n%s", n, d.logs.String())
 			}
 			d.do(t, "DELETE", "/v1/sessions/"+survivor, "")
 			if _, v := d.do(t, "GET", "/v1/sessions/"+survivor+"?wait=30s", ""); v["reason"] != "killed" {
@@ -519,8 +413,9 @@ func TestAPIRootfsUnderResolvesLinks(t *testing.T) {
 	if err := os.Mkdir(filepath.Join(dir, "image"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	a := agent.Access{UIDs: []uint32{uint32(os.Getuid())}, AllowRootUser: true, RootfsUnder: []string{dir}}
-	d := newDaemonWith(t, agent.ManagerConfig{}, a)
+	d := newDaemon(t, func(c *daemon.Config) {
+		c.Access = daemon.Access{UIDs: []uint32{uint32(os.Getuid())}, AllowRootUser: true, RootfsUnder: []string{dir}}
+	})
 	u := d.env.URL("links")
 	for _, rootfs := range []string{filepath.Join(dir, "link"), filepath.Join(dir, "link/../etc")} {
 		body := fmt.Sprintf(`{"attach_url": %q, "command": "true", "container": {"rootfs": %q}}`, "rendezvous://"+u.Addr()+"/links", rootfs)

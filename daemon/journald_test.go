@@ -1,14 +1,18 @@
-package agent_test
+package daemon_test
 
 import (
+	"context"
 	"io"
 	"log/slog"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/journal"
 
-	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/daemon"
+	"github.com/attach-agent/attach-agent/internal/relaytest"
+	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
 type entry struct {
@@ -26,17 +30,27 @@ func TestJournaldFields(t *testing.T) {
 		entries = append(entries, entry{msg, pri, fields})
 		return nil
 	}
-	d := newDaemon(t, agent.ManagerConfig{})
-	// The same manager, logging to the fake journal.
-	mgr := agent.NewManager(agent.ManagerConfig{Dial: d.env.Dial, Logger: slog.New(agent.NewJournalHandler(send, nil))})
+	env := relaytest.Start(t, nil)
+	// A supervisor logging to the fake journal.
+	mgr, err := daemon.NewManager(testConfig(t, env), slog.New(daemon.NewJournalHandler(send, nil)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mgr.Drain(context.Background(), 0)
 	secret := "journal-secret"
-	u := d.env.URL(secret)
-	v, err := mgr.Create(agent.Request{AttachURL: "rendezvous://" + u.Addr() + "/" + secret,
+	u := env.URL(secret)
+	v, err := mgr.Create(daemon.Request{AttachURL: "rendezvous://" + u.Addr() + "/" + secret,
 		Command: []byte(`["sh", "-c", "echo out; exit 3"]`), Labels: map[string]string{"app": "shop"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := d.attach(t, secret)
+	c, err := tlsdial.Dial(t.Context(), u, env.Dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Pair(t.Context(), secret, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	_, _ = io.ReadAll(c)
 	_ = c.Close()
 	mgr.Wait(t.Context(), v.ID)

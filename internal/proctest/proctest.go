@@ -1,0 +1,75 @@
+// Package proctest looks at processes and streams for tests: whether a
+// process is gone, which "sleep ARG" processes live, reading a stream up to
+// a marker. One copy for every package's tests.
+package proctest
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Gone reports whether pid has exited (or is a zombie nobody will reap).
+func Gone(pid int) bool {
+	if err := syscall.Kill(pid, 0); err != nil {
+		return true
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
+}
+
+// WaitGone fails the test when pid still runs 10 s from now.
+func WaitGone(t testing.TB, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !Gone(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d still running", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Sleepers are the pids of live "sleep ARG" processes: a test's command
+// with a unique ARG is found so, wherever it runs.
+func Sleepers(arg string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && string(b) == "sleep\x00"+arg+"\x00" && !Gone(pid) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// ReadUntil reads c until what it read contains s, and returns that; a
+// read error first fails the test.
+func ReadUntil(t testing.TB, c io.Reader, s string) string {
+	t.Helper()
+	var got []byte
+	buf := make([]byte, 256)
+	for !strings.Contains(string(got), s) {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("waiting for %q, read %q: %v", s, got, err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	return string(got)
+}
