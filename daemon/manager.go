@@ -114,6 +114,9 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 		sessions: make(map[string]*managed), spares: make(chan *spare, cfg.Spares),
 		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
 	}
+	if metrics != nil {
+		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
+	}
 	go m.keepSpares()
 	return m, nil
 }
@@ -192,6 +195,7 @@ func (m *Manager) keepSpares() {
 	for {
 		sp, err := m.startWorker()
 		if err != nil {
+			m.workerFailed()
 			m.log.Error("starting a spare worker", "err", err.Error())
 			select {
 			case <-m.spareStop:
@@ -289,10 +293,12 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	}
 	sp, err := m.takeWorker()
 	if err != nil {
+		m.workerFailed()
 		return fail(err)
 	}
 	rec, err := m.hand(sp, order{ID: s.id, Request: req, Caller: &caller, DenyRoot: !a.AllowRootUser})
 	if err != nil {
+		m.workerFailed()
 		sp.kill()
 		return fail(err)
 	}
@@ -418,6 +424,12 @@ func (m *Manager) report(dir, id string, rec record, res agent.Result) {
 	_ = os.RemoveAll(dir)
 }
 
+func (m *Manager) workerFailed() {
+	if m.metrics != nil {
+		m.metrics.WorkerFailures.Inc()
+	}
+}
+
 func (m *Manager) changed() {
 	m.mu.Lock()
 	n := m.running
@@ -480,6 +492,9 @@ func (m *Manager) Adopt() (adopted, reported int) {
 				go m.listen(s, s.link)
 			}
 			adopted++
+			if m.metrics != nil {
+				m.metrics.Adopted.Inc()
+			}
 			continue
 		}
 		if perr == nil {

@@ -23,6 +23,9 @@ type Metrics struct {
 	SlowHandshakes  prometheus.Counter
 	EmptyReads      prometheus.Counter
 	Spawn           *prometheus.HistogramVec // place: host, join, sandbox
+	MaxSessions     prometheus.Gauge         // the daemon's --max-sessions, for capacity alerts
+	Adopted         prometheus.Counter       // sessions taken over from an earlier daemon
+	WorkerFailures  prometheus.Counter       // workers that could not be started or set up
 }
 
 // NewMetrics creates the metrics and registers them with reg (never the
@@ -68,6 +71,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "attach_agent_spawn_duration_seconds", Help: "Starting the command once a client is there (user lookup, namespaces, sandbox setup), by where it runs.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
 		}, []string{"place"}),
+		MaxSessions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "attach_agent_sessions_max", Help: "Sessions the daemon runs at once at most (--max-sessions); more get 429.",
+		}),
+		Adopted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "attach_agent_sessions_adopted_total", Help: "Live sessions taken over from an earlier daemon at start (a restart or upgrade kept them).",
+		}),
+		WorkerFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "attach_agent_worker_start_failures_total", Help: "Session worker processes that could not be started, set up or handed their session.",
+		}),
 	}
 	for _, r := range agent.Reasons {
 		m.Ended.WithLabelValues(string(r))
@@ -85,7 +97,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.Spawn.WithLabelValues(p)
 	}
 	reg.MustRegister(m.Active, m.Ended, m.Exits, m.Bytes, m.TLSHandshake, m.Dial, m.FirstByte,
-		m.DialAttempts, m.SessionDuration, m.SlowHandshakes, m.EmptyReads, m.Spawn)
+		m.DialAttempts, m.SessionDuration, m.SlowHandshakes, m.EmptyReads, m.Spawn, m.MaxSessions, m.Adopted, m.WorkerFailures)
 	return m
 }
 

@@ -17,7 +17,10 @@ job "attach-agent" {
 
     task "attach-agent" {
       driver = "raw_exec"
-      # SIGTERM, then up to the grace for sessions to finish.
+      # Nomad ends every process of a stopped task, so sessions cannot
+      # outlive it: on SIGTERM the agent drains (--on-sigterm=drain) for its
+      # grace, then ends what is left with reason shutdown, inside
+      # kill_timeout.
       kill_signal  = "SIGTERM"
       kill_timeout = "11m"
 
@@ -25,7 +28,10 @@ job "attach-agent" {
         command = "/usr/bin/attach-agent"
         args = [
           "serve",
+          "--on-sigterm=drain",
+          "--shutdown-grace=10m",
           "--control=/run/attach-agent/control.sock",
+          "--state-dir=/run/attach-agent",
           "--metrics-listen=${NOMAD_IP_metrics}:9464",
           "--ca=/etc/attach-agent/relay-ca.pem",
           "--log-format=json",
