@@ -121,10 +121,3 @@ func SocketUnsent(c syscall.Conn) func() int {
 
 // isTimeout reports a deadline error.
 func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
-
-// clock is the activity clock both directions share: the last time a
-// byte moved, as nanoseconds since the session's start.
-type clock struct {
-	base time.Time
-	last int64 // atomic
-}

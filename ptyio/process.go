@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -132,10 +131,9 @@ type Process struct {
 	ptsDev string
 	launch func(*exec.Cmd) error
 
-	waitOnce sync.Once
-	done     chan struct{}
-	state    *os.ProcessState
-	waitErr  error
+	done    chan struct{}
+	state   *os.ProcessState
+	waitErr error
 }
 
 // Start starts the command. The parent's copy of the tty (or of the

@@ -2,8 +2,6 @@ package importcheck
 
 import (
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 )
@@ -13,10 +11,16 @@ import (
 var forbidden = map[string][]string{
 	"github.com/attach-agent/attach-agent/ptyio":   {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/tlsdial", "github.com/attach-agent/attach-agent/container"},
 	"github.com/attach-agent/attach-agent/tlsdial": {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/ptyio"},
+	// One session: no control API, metrics, journal or supervisor (the
+	// daemon package's, which builds on it).
+	"github.com/attach-agent/attach-agent/agent": {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/daemon"},
 }
 
 func TestPackageBoundaries(t *testing.T) {
-	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatalf("no go on PATH: %v", err)
+	}
 	for pkg, bad := range forbidden {
 		out, err := exec.Command(goBin, "list", "-deps", "-f", "{{.ImportPath}}", pkg).CombinedOutput()
 		if err != nil {

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 )
@@ -63,7 +62,7 @@ func Probe(t testing.TB) string {
 		}
 	}
 	out := filepath.Join(dir, "probe")
-	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", out, "github.com/attach-agent/attach-agent/internal/testroot/probe")
+	cmd := exec.Command("go", "build", "-o", out, "github.com/attach-agent/attach-agent/internal/testroot/probe")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build the probe: %v: %s", err, b)
