@@ -5,6 +5,7 @@
 //	go run ./bench                 # everything, default sizes
 //	go run ./bench -download 64    # smaller download (MiB)
 //	go run ./bench -rounds 5       # more rounds of download and echo-bulk
+//	go run ./bench -serve OLD,NEW  # two attach-agent binaries' serve, compared
 //
 // The agents run as child processes (this binary re-executed), so their
 // CPU time and peak RSS are theirs alone; the relay and the client run here.
@@ -53,7 +54,9 @@ func main() {
 	trips := flag.Int("trips", 2000, "one-byte round trips in the latency test")
 	setups := flag.Int("setups", 20, "sessions in the setup test")
 	rounds := flag.Int("rounds", 3, "rounds of the download and echo-bulk tests (medians are reported)")
-	only := flag.String("only", "download,echo,latency,setup,nagle", "the tests to run, comma-separated (download includes cost)")
+	only := flag.String("only", "download,echo,latency,setup,nagle", "the tests to run, comma-separated (download includes cost); with -serve: setup, download, echo, latency, pss")
+	serve := flag.String("serve", "", "`BEFORE,AFTER`: two attach-agent binaries whose `serve` is compared, driven through the control API (sessions through each daemon, alternating)")
+	idle := flag.Int("idle", 200, "idle sessions in the pss test")
 	flag.Parse()
 	if *rounds < 1 {
 		fmt.Fprintln(os.Stderr, "bench: -rounds must be at least 1")
@@ -62,14 +65,20 @@ func main() {
 	tests := map[string]bool{}
 	for _, t := range strings.Split(*only, ",") {
 		switch t {
-		case "download", "echo", "latency", "setup", "nagle":
+		case "download", "echo", "latency", "setup", "nagle", "pss":
 			tests[t] = true
 		default:
-			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup and nagle, comma-separated\n", t)
+			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup, nagle and pss, comma-separated\n", t)
 			os.Exit(2)
 		}
 	}
-	if err := bench(tests, *downloadMiB, *echoMiB, *trips, *setups, *rounds); err != nil {
+	var err error
+	if *serve != "" {
+		err = benchServe(strings.Split(*serve, ","), tests, *setups, *downloadMiB, *echoMiB, *trips, *rounds, *idle)
+	} else {
+		err = bench(tests, *downloadMiB, *echoMiB, *trips, *setups, *rounds)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -90,26 +99,48 @@ func (e *env) url() tlsdial.URL {
 	return tlsdial.URL{Host: "127.0.0.1", Port: e.relay.Addr().(*net.TCPAddr).Port, Secret: hex.EncodeToString(b)}
 }
 
+// newEnv starts the relay on loopback and a temporary directory.
+func newEnv() (*env, func(), error) {
+	e := &env{relay: &rendezvous.Relay{}}
+	if err := e.relay.Listen("tcp", "127.0.0.1:0"); err != nil {
+		return nil, nil, err
+	}
+	go func() { _ = e.relay.Serve() }()
+	dir, err := os.MkdirTemp("", "attach-bench")
+	if err != nil {
+		_ = e.relay.Close()
+		return nil, nil, err
+	}
+	cleanup := func() { _ = e.relay.Close(); _ = os.RemoveAll(dir) }
+	e.dir, e.caFile = dir, dir+"/ca.pem"
+	if err := os.WriteFile(e.caFile, e.relay.CAPEM(), 0o600); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	e.dial = tlsdial.Config{TLS: &tls.Config{RootCAs: e.relay.Certs().CAPool}, DialTimeout: 10 * time.Second, PairTimeout: 30 * time.Second}
+	return e, cleanup, nil
+}
+
+// benchServe compares two binaries' serve (see benchDaemons).
+func benchServe(bins []string, tests map[string]bool, setups, downloadMiB, echoMiB, trips, rounds, idle int) error {
+	e, cleanup, err := newEnv()
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	fmt.Printf("attach-agent serve, before and after (%s)\n\n", time.Now().UTC().Format(time.RFC3339))
+	return e.benchDaemons(bins, tests, setups, downloadMiB, echoMiB, trips, rounds, idle)
+}
+
 func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds int) error {
 	// The bench kills agents (it ends echo and latency sessions so); end
 	// what their sessions' cgroups still hold once all of them are gone.
 	defer container.Sweep()
-	e := &env{relay: &rendezvous.Relay{}}
-	if err := e.relay.Listen("tcp", "127.0.0.1:0"); err != nil {
-		return err
-	}
-	go func() { _ = e.relay.Serve() }()
-	defer e.relay.Close()
-	dir, err := os.MkdirTemp("", "attach-bench")
+	e, cleanup, err := newEnv()
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	e.dir, e.caFile = dir, dir+"/ca.pem"
-	if err := os.WriteFile(e.caFile, e.relay.CAPEM(), 0o600); err != nil {
-		return err
-	}
-	e.dial = tlsdial.Config{TLS: &tls.Config{RootCAs: e.relay.Certs().CAPool}, DialTimeout: 10 * time.Second, PairTimeout: 30 * time.Second}
+	defer cleanup()
 
 	size := int64(downloadMiB) << 20
 	dlCmd := fmt.Sprintf("head -c %d /dev/zero", size)

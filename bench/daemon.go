@@ -1,0 +1,387 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/attach-agent/attach-agent/tlsdial"
+)
+
+// daemon is one `attach-agent serve` (of a given binary) run by the bench,
+// driven through its control socket as the lifecycle manager drives it.
+type daemon struct {
+	name    string
+	cmd     *exec.Cmd
+	control string
+	hc      *http.Client
+}
+
+func (e *env) startDaemon(name, bin string) (*daemon, error) {
+	dir, err := os.MkdirTemp(e.dir, "serve-")
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{name: name, control: filepath.Join(dir, "control.sock")}
+	log, err := os.Create(filepath.Join(dir, "serve.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer log.Close()
+	// --state-dir is passed only to a binary that knows it (before the
+	// worker processes, serve had none).
+	args := []string{"serve", "--ca", e.caFile, "--control", d.control, "--metrics-listen", "", "--log-format", "text", "--max-sessions", "2000", "--shutdown-grace", "5s"}
+	if out, _ := exec.Command(bin, "serve", "-h").CombinedOutput(); strings.Contains(string(out), "-state-dir") {
+		args = append(args, "--state-dir", filepath.Join(dir, "state"))
+	}
+	d.cmd = exec.Command(bin, args...)
+	d.cmd.Stderr = log
+	if err := d.cmd.Start(); err != nil {
+		return nil, err
+	}
+	d.hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", d.control)
+	}}, Timeout: 5 * time.Minute}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if resp, err := d.hc.Get("http://agent/healthz"); err == nil {
+			resp.Body.Close()
+			return d, nil
+		}
+		if time.Now().After(deadline) {
+			d.stop()
+			return nil, fmt.Errorf("%s: serve did not answer (log in %s)", bin, log.Name())
+		}
+	}
+}
+
+// stop drains the daemon (every session ends) and stops it.
+func (d *daemon) stop() {
+	if resp, err := d.hc.Post("http://agent/v1/drain", "application/json", strings.NewReader(`{"grace":"0s"}`)); err == nil {
+		resp.Body.Close()
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	_ = d.cmd.Wait()
+}
+
+// post starts a session for u running command in a raw pty.
+func (d *daemon) post(u tlsdial.URL, command string) (map[string]any, error) {
+	body := fmt.Sprintf(`{"attach_url": "rendezvous://%s/%s", "command": %q, "raw": true}`, u.Addr(), u.Secret, command)
+	resp, err := d.hc.Post("http://agent/v1/sessions", "application/json", strings.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var v map[string]any
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusCreated {
+		return nil, fmt.Errorf("POST: %d %v", resp.StatusCode, v)
+	}
+	return v, nil
+}
+
+// daemonSetup times one session from the API call to the first output
+// byte at a client already waiting at the relay.
+func (e *env) daemonSetup(d *daemon) (time.Duration, error) {
+	u := e.url()
+	cc := make(chan *tlsdial.Conn, 1)
+	ce := make(chan error, 1)
+	go func() {
+		c, err := e.client(u)
+		if err != nil {
+			ce <- err
+			return
+		}
+		cc <- c
+	}()
+	for e.relay.Waiting() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	t0 := time.Now()
+	if _, err := d.post(u, "echo x"); err != nil {
+		return 0, err
+	}
+	var c *tlsdial.Conn
+	select {
+	case c = <-cc:
+	case err := <-ce:
+		return 0, err
+	}
+	defer c.Close()
+	b := make([]byte, 1)
+	_, err := io.ReadFull(c, b)
+	return time.Since(t0), err
+}
+
+// attached starts command through d and pairs a client with it.
+func (e *env) attached(d *daemon, command string) (*tlsdial.Conn, error) {
+	u := e.url()
+	if _, err := d.post(u, command); err != nil {
+		return nil, err
+	}
+	return e.client(u)
+}
+
+func (e *env) daemonDownload(d *daemon, size int64) (float64, error) {
+	c, err := e.attached(d, fmt.Sprintf("head -c %d /dev/zero", size))
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	t0 := time.Now()
+	n, err := io.Copy(io.Discard, c)
+	if err != nil || n != size {
+		return 0, fmt.Errorf("download: %d of %d bytes: %v", n, size, err)
+	}
+	return float64(size) / (1 << 20) / time.Since(t0).Seconds(), nil
+}
+
+func (e *env) daemonEcho(d *daemon, size int64) (float64, error) {
+	c, err := e.attached(d, "cat")
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	t0 := time.Now()
+	go func() { _, _ = c.Write(data) }()
+	h := sha256.New()
+	if _, err := io.CopyN(h, c, size); err != nil {
+		return 0, fmt.Errorf("echo stalled or broke: %w", err)
+	}
+	el := time.Since(t0)
+	if want := sha256.Sum256(data); string(h.Sum(nil)) != string(want[:]) {
+		return 0, fmt.Errorf("echo differs (sha256)")
+	}
+	return float64(size) / (1 << 20) / el.Seconds(), nil
+}
+
+func (e *env) daemonLatency(d *daemon, trips int) (p50, p99 time.Duration, err error) {
+	c, err := e.attached(d, "cat")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	lat := make([]time.Duration, 0, trips)
+	b := []byte{'x'}
+	for range trips {
+		t0 := time.Now()
+		if _, err := c.Write(b); err != nil {
+			return 0, 0, err
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			return 0, 0, err
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	return lat[len(lat)/2], lat[len(lat)*99/100], nil
+}
+
+// pss is a process's proportional set size in KiB (shared pages divided
+// among the processes that map them), from smaps_rollup.
+func pss(pid int) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && k == "Pss" {
+			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("pid %d: no Pss", pid)
+}
+
+// idleMemory starts n idle sessions (cat, a client attached, nothing
+// moving) and returns the PSS they add: the daemon's growth, and the sum
+// over the sessions' workers (none when sessions run in the daemon).
+func (e *env) idleMemory(d *daemon, n int) (daemonKiB, workersKiB int64, workers int, err error) {
+	before, err := pss(d.cmd.Process.Pid)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	var conns []*tlsdial.Conn
+	defer func() {
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	}()
+	for range n {
+		c, err := e.attached(d, "cat")
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		conns = append(conns, c)
+	}
+	time.Sleep(2 * time.Second) // settled: every session paired and idle
+	after, err := pss(d.cmd.Process.Pid)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	resp, err := d.hc.Get("http://agent/v1/sessions")
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	var list struct {
+		Sessions []struct {
+			State     string `json:"state"`
+			WorkerPID int    `json:"worker_pid"`
+		} `json:"sessions"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&list)
+	resp.Body.Close()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	for _, s := range list.Sessions {
+		if s.State != "running" || s.WorkerPID == 0 {
+			continue
+		}
+		k, err := pss(s.WorkerPID)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		workersKiB += k
+		workers++
+	}
+	return after - before, workersKiB, workers, nil
+}
+
+// benchDaemons compares serve binaries (before and after a change), in
+// one run: setup from the API call, download, echo-bulk and latency
+// through each, alternating, and the memory of idle sessions.
+func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloadMiB, echoMiB, trips, rounds, idle int) error {
+	if len(bins) != 2 {
+		return fmt.Errorf("-serve: want two attach-agent binaries, BEFORE,AFTER (go build -o DIR/NAME ./cmd/attach-agent at each commit)")
+	}
+	var ds [2]*daemon
+	defer func() {
+		for _, d := range ds {
+			if d != nil {
+				d.stop()
+			}
+		}
+	}()
+	for i, b := range bins {
+		d, err := e.startDaemon(filepath.Base(filepath.Dir(b))+"/"+filepath.Base(b), b)
+		if err != nil {
+			return err
+		}
+		ds[i] = d
+	}
+	label := func(i int) string { return fmt.Sprintf("%-32s", ds[i].name+" ("+[]string{"before", "after"}[i]+")") }
+	if tests["setup"] {
+		st, err := alternating(setups, func(v int) (time.Duration, error) { return e.daemonSetup(ds[v]) })
+		if err != nil {
+			return fmt.Errorf("daemon setup: %w", err)
+		}
+		fmt.Printf("daemon setup (API call to the first output byte at a waiting client, median of %d each, alternating)\n", setups)
+		fmt.Printf("  %s %8v\n", label(0), st[0])
+		fmt.Printf("  %s %8v   %.2fx before (target <= 1.10)\n\n", label(1), st[1], float64(st[1])/float64(st[0]))
+	}
+	if tests["download"] || tests["echo"] {
+		var dl, echo [2][]float64
+		for r := range rounds {
+			for k := range 2 {
+				v := (r + k) % 2 // who goes first alternates
+				if tests["download"] {
+					x, err := e.daemonDownload(ds[v], int64(downloadMiB)<<20)
+					if err != nil {
+						return fmt.Errorf("%s: %w", ds[v].name, err)
+					}
+					dl[v] = append(dl[v], x)
+				}
+				if tests["echo"] {
+					x, err := e.daemonEcho(ds[v], int64(echoMiB)<<20)
+					if err != nil {
+						return fmt.Errorf("%s: %w", ds[v].name, err)
+					}
+					echo[v] = append(echo[v], x)
+				}
+			}
+		}
+		for _, m := range []struct {
+			name string
+			v    [2][]float64
+			size int
+		}{{"download", dl, downloadMiB}, {"echo-bulk", echo, echoMiB}} {
+			if len(m.v[0]) == 0 {
+				continue
+			}
+			fmt.Printf("daemon %s (%d MiB, raw pty, MiB/s at the client; median of %d rounds [range])\n", m.name, m.size, rounds)
+			for i := range 2 {
+				fmt.Printf("  %s %8.1f [%s]\n", label(i), median(m.v[i]), spreadOf(m.v[i]))
+			}
+			fmt.Printf("  %32s %.2fx before\n\n", "", median(m.v[1])/median(m.v[0]))
+		}
+	}
+	if tests["latency"] {
+		fmt.Printf("daemon latency (%d one-byte round trips through cat, raw pty)\n", trips)
+		var lat [2][2]time.Duration
+		for _, v := range []int{0, 1, 1, 0} {
+			p50, p99, err := e.daemonLatency(ds[v], trips/2)
+			if err != nil {
+				return err
+			}
+			lat[v][0] += p50 / 2
+			lat[v][1] += p99 / 2
+		}
+		for i := range 2 {
+			fmt.Printf("  %s p50 %8v   p99 %8v\n", label(i), lat[i][0], lat[i][1])
+		}
+		fmt.Printf("  %32s p50 %.2fx, p99 %.2fx before\n\n", "", float64(lat[1][0])/float64(lat[0][0]), float64(lat[1][1])/float64(lat[0][1]))
+	}
+	if tests["pss"] {
+		fmt.Printf("memory of %d idle sessions (cat, client attached; PSS in KiB, shared pages divided among their users)\n", idle)
+		for i := range 2 {
+			dk, wk, nw, err := e.idleMemory(ds[i], idle)
+			if err != nil {
+				return err
+			}
+			per := float64(dk+wk) / float64(idle) / 1024
+			fmt.Printf("  %s daemon +%d, %d workers %d: %.2f MiB per session", label(i), dk, nw, wk, per)
+			if nw > 0 {
+				fmt.Printf(" (target <= 3)")
+			}
+			fmt.Println()
+			// End them before the next daemon's turn.
+			ds[i].stop()
+			ds[i] = nil
+		}
+		fmt.Println()
+	}
+	return nil
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+func spreadOf(v []float64) string {
+	lo, hi := v[0], v[0]
+	for _, x := range v {
+		lo, hi = min(lo, x), max(hi, x)
+	}
+	return fmt.Sprintf("%.1f-%.1f", lo, hi)
+}
