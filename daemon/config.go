@@ -137,7 +137,7 @@ func DefaultConfig() Config {
 		DefaultPids:    container.DefaultPidsLimit(),
 		SetupTimeout:   container.DefaultSetupTimeout,
 		Access:         DefaultAccess(),
-		Spares:         1,
+		Spares:         2,
 		Version:        "dev",
 	}
 }

@@ -83,7 +83,13 @@ type Manager struct {
 	spares    chan *spare
 	spareStop chan struct{}
 	spareDone chan struct{}
+	taken     chan struct{} // a spare was taken
+	refill    chan struct{} // a session that took one is running: start the next
 }
+
+// spareDelay is the longest a taken spare's replacement waits for its
+// session to run before it is started anyway.
+const spareDelay = 500 * time.Millisecond
 
 // Errors Create returns besides *RequestError and *PolicyError.
 var (
@@ -113,6 +119,7 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(),
 		sessions: make(map[string]*managed), spares: make(chan *spare, cfg.Spares),
 		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
+		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1),
 	}
 	if metrics != nil {
 		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
@@ -189,9 +196,14 @@ func (sp *spare) kill() {
 }
 
 // keepSpares keeps cfg.Spares workers started ahead, until Release or
-// Drain.
+// Drain. A taken spare is replaced once its session runs (its first output
+// byte is out) or after spareDelay: starting a process beside a session
+// that is starting would take the CPU it needs, on a small host.
 func (m *Manager) keepSpares() {
 	defer close(m.spareDone)
+	if cap(m.spares) == 0 {
+		return
+	}
 	for {
 		sp, err := m.startWorker()
 		if err != nil {
@@ -208,6 +220,20 @@ func (m *Manager) keepSpares() {
 		case m.spares <- sp:
 		case <-m.spareStop:
 			sp.kill()
+			return
+		}
+		if len(m.spares) < cap(m.spares) {
+			continue
+		}
+		select {
+		case <-m.taken:
+		case <-m.spareStop:
+			return
+		}
+		select {
+		case <-m.refill:
+		case <-time.After(spareDelay):
+		case <-m.spareStop:
 			return
 		}
 	}
@@ -238,6 +264,14 @@ func (m *Manager) stopSpares() {
 func (m *Manager) takeWorker() (*spare, error) {
 	select {
 	case sp := <-m.spares:
+		select {
+		case <-m.refill: // from an earlier session: this one's counts
+		default:
+		}
+		select {
+		case m.taken <- struct{}{}:
+		default:
+		}
 		return sp, nil
 	default:
 		return m.startWorker() // all spares taken: one now
@@ -344,8 +378,15 @@ func (m *Manager) hand(sp *spare, o order) (record, error) {
 // seen by watch, from the process.
 func (m *Manager) listen(s *managed, l *link) {
 	for {
-		if _, err := l.recv(); err != nil {
+		msg, err := l.recv()
+		if err != nil {
 			return
+		}
+		if msg.Type == "running" {
+			select {
+			case m.refill <- struct{}{}:
+			default:
+			}
 		}
 	}
 }

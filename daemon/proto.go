@@ -23,6 +23,7 @@ import (
 //	worker -> daemon  {"type":"accepted","record":{...}}     the record is written, the session runs
 //	worker -> daemon  {"type":"refused","error":"..."}       it does not, and the worker exits
 //	worker -> daemon  {"type":"hello","record":{...}}        to each daemon on its control socket
+//	worker -> daemon  {"type":"running"}                     the first output byte went out
 //	daemon -> worker  {"type":"end","cause":"killed"}        or "shutdown": end the session so
 //	worker -> daemon  {"type":"ended","result":{...}}        result.json is written; the worker exits
 type message struct {

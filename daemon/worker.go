@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
@@ -23,9 +24,19 @@ import (
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
+// startHeap and startBound bound a worker's start without collection (see
+// runWorker).
+const (
+	startHeap  = 64 << 20
+	startBound = 2 * time.Second
+)
+
 // workerArg is the argument a worker is started with (the agent's binary
 // re-executed, as the sandbox init is).
 const workerArg = "__session-worker"
+
+// warmArg starts this binary only to exit (see warmUp).
+const warmArg = "__warm-up"
 
 // Main runs this process as a session's worker when the daemon started it
 // as one, and never returns then. Call it first in main (and in TestMain
@@ -33,6 +44,9 @@ const workerArg = "__session-worker"
 func Main() {
 	if len(os.Args) == 2 && os.Args[1] == workerArg {
 		os.Exit(runWorker())
+	}
+	if len(os.Args) == 2 && os.Args[1] == warmArg {
+		os.Exit(0) // a spare's warm-up of process start (warmUp)
 	}
 }
 
@@ -43,6 +57,20 @@ func Main() {
 // the session's own, kept here. fd 3 is the socket pair to the daemon that
 // started it.
 func runWorker() int {
+	// No collection while the session starts (a fresh process's heap is
+	// small, so the first few MiB would trigger cycles on the path to the
+	// first byte); once it runs, the default again, and what the start
+	// used goes back to the system (an idle session holds little).
+	// A memory limit bounds the heap meanwhile (the collector runs at it),
+	// and the start ends at the latest startBound after the order.
+	gcPercent := debug.SetGCPercent(-1)
+	memLimit := debug.SetMemoryLimit(startHeap)
+	settle := sync.OnceFunc(func() {
+		debug.SetGCPercent(gcPercent)
+		debug.SetMemoryLimit(memLimit)
+		debug.FreeOSMemory()
+	})
+	defer settle()
 	// The command must not hold the daemon's end of things.
 	unix.CloseOnExec(3)
 	f := os.NewFile(3, "daemon")
@@ -86,6 +114,9 @@ func runWorker() int {
 		dial.TLS, tlsErr = tlsdial.LoadTLS(cfg.CA, cfg.Cert, cfg.Key)
 	}
 
+	if tlsErr == nil && !dial.Plain {
+		warmUp(dial.TLS)
+	}
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).
 	m, err = daemonLink.recv()
@@ -93,22 +124,32 @@ func runWorker() int {
 		return 0
 	}
 	o := *m.Order
-	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID)}
+	time.AfterFunc(startBound, settle)
+	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle}
 	spec, err := w.prepare(o, dial, tlsErr)
 	if err != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
 		return 1
 	}
-	ln, err := w.listen()
-	if err != nil {
+	// The session starts (its dial goes out) while its record is written:
+	// nothing runs before a client pairs, and the record is whole before
+	// the daemon says the session was created.
+	ended := make(chan agent.Result, 1)
+	go func() { ended <- agent.Run(ctx, spec, w.log) }()
+	refuse := func(why string) int {
+		cancel(errors.New(why))
+		<-ended
 		_ = os.RemoveAll(w.dir)
-		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
+		_ = daemonLink.send(message{Type: "refused", Error: why})
 		return 1
 	}
+	ln, err := w.listen()
+	if err != nil {
+		return refuse(err.Error())
+	}
 	if err := writeFile(w.dir, workerFile, w.rec); err != nil {
-		_ = os.RemoveAll(w.dir)
-		_ = daemonLink.send(message{Type: "refused", Error: "writing the session's record: " + err.Error()})
-		return 1
+		_ = ln.Close()
+		return refuse("writing the session's record: " + err.Error())
 	}
 	w.add(daemonLink)
 	if err := daemonLink.send(message{Type: "accepted", Record: &w.rec}); err != nil {
@@ -119,7 +160,7 @@ func runWorker() int {
 	go w.serve(daemonLink)
 	go w.accept(ln)
 
-	res := agent.Run(ctx, spec, w.log)
+	res := <-ended
 	r := resultOf(res, time.Now())
 	if err := writeFile(w.dir, resultFile, r); err != nil {
 		w.log.Error("worker: writing the session's result", "err", err.Error())
@@ -136,6 +177,7 @@ type worker struct {
 	dir    string
 	rec    record
 	cancel context.CancelCauseFunc
+	settle func() // the collector back on, once the session runs
 
 	mu    sync.Mutex
 	links []*link
@@ -174,6 +216,9 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 		ctr := spec.Container
 		w.rec.Container = &ctr
 	}
+	// The daemon starts the next spare once this session runs, off the
+	// path to its first byte.
+	spec.Pump.FirstOutput = func() { go func() { w.broadcastRunning(); w.settle() }() }
 	crash := w.cfg.FaultLabel != "" && o.Request.Labels[w.cfg.FaultLabel] == "worker"
 	spec.Started = func(pid int) {
 		st, err := container.StartTime(pid)
@@ -263,6 +308,15 @@ func (w *worker) drop(l *link) {
 		}
 	}
 	l.close()
+}
+
+func (w *worker) broadcastRunning() {
+	w.mu.Lock()
+	links := append([]*link(nil), w.links...)
+	w.mu.Unlock()
+	for _, l := range links {
+		_ = l.send(message{Type: "running"})
+	}
 }
 
 func (w *worker) broadcast(m message) {

@@ -113,6 +113,10 @@ type Config struct {
 	// goroutines ("input", "output"); a panic there is recovered as any
 	// other. Nil in production.
 	Fault func(point string) `json:"-"`
+	// FirstOutput, when set, is called once, after the first output byte
+	// was written to the stream (from the output goroutine: it must not
+	// block).
+	FirstOutput func() `json:"-"`
 }
 
 func (c Config) withDefaults() Config {
@@ -543,6 +547,9 @@ func (s *session) output() error {
 			s.bytesOut.Add(int64(w))
 			if s.firstOut.Load() == 0 && w > 0 {
 				s.firstOut.Store(int64(max(time.Since(s.start), 1)))
+				if s.cfg.FirstOutput != nil {
+					s.cfg.FirstOutput()
+				}
 			}
 			if werr != nil {
 				return &streamWriteError{werr}
