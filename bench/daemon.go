@@ -22,6 +22,10 @@ import (
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
+// setupGap paces the daemon setup test: long enough for a taken spare
+// worker to be replaced (its start and warm-up) before the next session.
+const setupGap = 300 * time.Millisecond
+
 // daemon is one `attach-agent serve` (of a given binary) run by the bench,
 // driven through its control socket as the lifecycle manager drives it.
 type daemon struct {
@@ -293,7 +297,7 @@ func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloa
 		// Paced, as sessions arrive on a host that is not saturated (a
 		// spare worker has been made again by the next one), and back to
 		// back, a burst (what a host of this size sustains).
-		for _, gap := range []time.Duration{100 * time.Millisecond, 0} {
+		for _, gap := range []time.Duration{setupGap, 0} {
 			st, err := alternating(setups, func(v int) (time.Duration, error) {
 				time.Sleep(gap)
 				return e.daemonSetup(ds[v])
