@@ -223,6 +223,8 @@ func (e *env) idleMemory(d *daemon, n int) (daemonKiB, workersKiB int64, workers
 	if err != nil {
 		return 0, 0, 0, err
 	}
+	avail0 := memAvailable()
+	fds0 := countDir(fmt.Sprintf("/proc/%d/fd", d.cmd.Process.Pid))
 	var conns []*tlsdial.Conn
 	defer func() {
 		for _, c := range conns {
@@ -256,6 +258,7 @@ func (e *env) idleMemory(d *daemon, n int) (daemonKiB, workersKiB int64, workers
 	if err != nil {
 		return 0, 0, 0, err
 	}
+	fds, threads := 0, 0
 	for _, s := range list.Sessions {
 		if s.State != "running" || s.WorkerPID == 0 {
 			continue
@@ -266,7 +269,13 @@ func (e *env) idleMemory(d *daemon, n int) (daemonKiB, workersKiB int64, workers
 		}
 		workersKiB += k
 		workers++
+		fds += countDir(fmt.Sprintf("/proc/%d/fd", s.WorkerPID))
+		threads += countDir(fmt.Sprintf("/proc/%d/task", s.WorkerPID))
 	}
+	fmt.Printf("    host MemAvailable -%d MiB for %d sessions (everything: daemon, workers, commands, kernel, and this bench's relay and clients)\n",
+		(avail0-memAvailable())>>10, n)
+	fmt.Printf("    daemon fds +%d; per worker: %.1f fds, %.1f threads\n",
+		countDir(fmt.Sprintf("/proc/%d/fd", d.cmd.Process.Pid))-fds0, float64(fds)/float64(max(workers, 1)), float64(threads)/float64(max(workers, 1)))
 	return after - before, workersKiB, workers, nil
 }
 
@@ -386,6 +395,23 @@ func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloa
 		fmt.Println()
 	}
 	return nil
+}
+
+// memAvailable is /proc/meminfo's MemAvailable, in KiB.
+func memAvailable() int64 {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && k == "MemAvailable" {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+func countDir(dir string) int {
+	ents, _ := os.ReadDir(dir)
+	return len(ents)
 }
 
 func median(v []float64) float64 {

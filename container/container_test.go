@@ -134,12 +134,16 @@ func TestSweep(t *testing.T) {
 	}
 	dead := filepath.Join(parent, "session-2147483647-"+randomHex(6)) // above any pid_max: gone
 	live := filepath.Join(parent, groupName("session"))               // ours
-	for _, d := range []string{dead, live} {
+	// Our pid with another start time: an owner that died, its pid reused
+	// (by us); and our pid alone, a name from before start times.
+	reused := filepath.Join(parent, fmt.Sprintf("session-%d.1-%s", os.Getpid(), randomHex(6)))
+	old := filepath.Join(parent, fmt.Sprintf("session-%d-%s", os.Getpid(), randomHex(6)))
+	for _, d := range []string{dead, live, reused, old} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() { _ = (&cgroup{dirs: []string{live, dead}, v2fd: -1}).release() })
+	t.Cleanup(func() { _ = (&cgroup{dirs: []string{live, dead, reused, old}, v2fd: -1}).release() })
 	// A process the dead agent left running in its group.
 	cmd := exec.Command("sleep", "1000")
 	if err := cmd.Start(); err != nil {
@@ -154,14 +158,22 @@ func TestSweep(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dead, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0); err != nil {
 		t.Fatal(err)
 	}
-	if n := Sweep(); n != 1 {
-		t.Errorf("Sweep removed %d groups, want 1", n)
+	if n := Sweep(); n < 2 {
+		t.Errorf("Sweep removed %d groups, want at least the 2 of owners that are gone", n)
 	}
-	if _, err := os.Stat(dead); err == nil {
-		t.Error("the dead agent's group is still there")
+	for _, g := range []string{dead, reused} {
+		if _, err := os.Stat(g); err == nil {
+			t.Errorf("%s, a gone owner's group, is still there", g)
+		}
 	}
-	if _, err := os.Stat(live); err != nil {
-		t.Errorf("our own group went: %v", err)
+	for _, g := range []string{live, old} {
+		if _, err := os.Stat(g); err != nil {
+			t.Errorf("%s, a live owner's group, went: %v", g, err)
+		}
+	}
+	// ReleaseOwned ends exactly one owner's groups.
+	if n := ReleaseOwned(os.Getpid(), "1"); n != 0 {
+		t.Errorf("ReleaseOwned of an owner with no groups left removed %d", n)
 	}
 	select {
 	case <-waited:
