@@ -395,3 +395,51 @@ func TestReusedPIDNotAdopted(t *testing.T) {
 		t.Errorf("the reported record is still there: %v", err)
 	}
 }
+
+// A panic injected into one worker of the real binary (the fault label is
+// for tests only) ends that session as agent_error, its command ended;
+// another session and the daemon go on.
+func TestWorkerPanicIsOneSessions(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := buildAgent(t)
+	relay := relaytest.Start(t, nil)
+	dir := t.TempDir()
+	control := filepath.Join(dir, "control.sock")
+	p := startServe(t, bin, []string{"ATTACH_AGENT_TEST_FAULT_LABEL=fault"}, "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"))
+	a := newAPI(control)
+	survivor := a.post(t, relay, "panic-survivor", `"echo up; exec sleep 1004"`)
+	s := attachStream(t, relay, "panic-survivor")
+	s.until(t, "up\n")
+	u := relay.URL("panic-victim")
+	body := fmt.Sprintf(`{"attach_url": "rendezvous://%s/panic-victim", "command": "echo doomed; exec sleep 1005", "tty": false, "labels": {"fault": "output"}}`, u.Addr())
+	code, v := a.do("POST", "/v1/sessions", body)
+	if code != http.StatusCreated {
+		t.Fatalf("POST: %d %v", code, v)
+	}
+	victim := v["id"].(string)
+	got := attachStream(t, relay, "panic-victim").end(t)
+	if !strings.Contains(got, "internal error in the agent (session "+victim+")") {
+		t.Errorf("the victim's client got %q", got)
+	}
+	if _, v := a.do("GET", "/v1/sessions/"+victim+"?wait=30s", ""); v["reason"] != "agent_error" {
+		t.Fatalf("victim: %v", v)
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(proctest.Sleepers("1005")) > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the victim's command still runs")
+		}
+	}
+	if _, v := a.do("GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" || len(proctest.Sleepers("1004")) != 1 {
+		t.Fatalf("the survivor: %v", v)
+	}
+	if code, _ := a.do("GET", "/healthz", ""); code != http.StatusOK {
+		t.Fatalf("the daemon after the panic: %d", code)
+	}
+	if !strings.Contains(p.logs(), "session panic") {
+		t.Errorf("no stack in the log:\n%s", p.logs())
+	}
+	a.do("DELETE", "/v1/sessions/"+survivor, "")
+	s.end(t)
+}
