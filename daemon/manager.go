@@ -55,9 +55,10 @@ type managed struct {
 	id      string
 	rec     record
 	adopted bool
-	pidfd   *os.File // the worker; nil once it is watched no more
-	own     bool     // our child, to reap
-	link    *link    // to the worker; nil: none now
+	pidfd   *os.File      // the worker; nil once it is watched no more
+	own     bool          // our child, to reap
+	link    *link         // to the worker; nil: none now
+	ready   chan struct{} // closed once its worker took it (or did not)
 	done    chan struct{}
 	ended   time.Time
 	result  agent.Result
@@ -310,7 +311,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	m.prune(time.Now())
 	// The session holds its place (the count, its secret) while its
 	// worker takes the order.
-	s := &managed{id: newID(), done: make(chan struct{})}
+	s := &managed{id: newID(), ready: make(chan struct{}), done: make(chan struct{})}
 	s.rec = record{ID: s.id, StartedAt: time.Now(), About: spec.About(), SecretHash: hash}
 	m.sessions[s.id] = s
 	m.running++
@@ -321,7 +322,10 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		m.mu.Lock()
 		delete(m.sessions, s.id)
 		m.running--
+		s.ended = time.Now()
 		m.mu.Unlock()
+		close(s.ready)
+		close(s.done) // for a drain that counted it
 		m.changed()
 		return View{}, err
 	}
@@ -343,6 +347,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		m.watchers.Add(1)
 	}
 	m.mu.Unlock()
+	close(s.ready)
 	if released {
 		// Handed over while it started: the next daemon adopts it.
 		return m.view(s), nil
@@ -516,7 +521,8 @@ func (m *Manager) Adopt() (adopted, reported int) {
 		if known {
 			continue
 		}
-		s := &managed{id: rec.ID, rec: rec, adopted: true, done: make(chan struct{})}
+		s := &managed{id: rec.ID, rec: rec, adopted: true, ready: make(chan struct{}), done: make(chan struct{})}
+		close(s.ready)
 		w := process{rec.PID, rec.Start}
 		fd, perr := unix.PidfdOpen(rec.PID, unix.PIDFD_NONBLOCK)
 		if perr == nil && w.alive() { // checked after the pidfd pins the process
@@ -653,6 +659,11 @@ func (m *Manager) Drain(ctx context.Context, grace time.Duration) []View {
 	cancel()
 	if !done {
 		for _, s := range live {
+			// One still being handed to its worker is told once it is.
+			select {
+			case <-s.ready:
+			case <-time.After(m.cfg.SetupTimeout):
+			}
 			m.tell(s, causeShutdown)
 		}
 		// The pump's own bounds end a session told so: the kill grace,
@@ -670,7 +681,13 @@ func (m *Manager) Drain(ctx context.Context, grace time.Duration) []View {
 					_ = signalFD(fd, syscall.SIGKILL)
 				}
 			}
-			all(context.Background())
+			// A killed worker is seen at once; this bound is for one the
+			// kernel cannot kill (a hung filesystem), which stays running.
+			lctx, lcancel := context.WithTimeout(context.Background(), 30*time.Second)
+			if !all(lctx) {
+				m.log.Error("drain: a session's worker outlived SIGKILL; it is left running")
+			}
+			lcancel()
 		}
 		kcancel()
 	}
