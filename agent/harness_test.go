@@ -21,6 +21,7 @@ import (
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 func TestMain(m *testing.M) {
@@ -124,7 +125,7 @@ func sh(script string) []string { return []string{"/bin/sh", "-c", script} }
 
 func stripMarker(b []byte) ([]byte, int, bool) {
 	var out bytes.Buffer
-	f := &rendezvous.StatusFilter{W: &out}
+	f := &wire.StatusFilter{W: &out}
 	_, _ = f.Write(b)
 	_ = f.Flush()
 	return out.Bytes(), f.Status, f.Found

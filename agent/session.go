@@ -18,8 +18,8 @@ import (
 
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
-	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // Reasons that end a session before a process exists; the rest come from
@@ -280,7 +280,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		pc.Fault = spec.Fault
 	}
 	if spec.ExitStatusMarker {
-		pc.ExitMarker = rendezvous.ExitStatusLine
+		pc.ExitMarker = wire.ExitStatusLine
 	}
 	if pc.Unsent == nil {
 		pc.Unsent = ptyio.SocketUnsent(conn.Raw.(syscall.Conn))
@@ -304,7 +304,7 @@ func tellClient(conn *tlsdial.Conn, err error, spec Spec, code int) {
 		return
 	}
 	if spec.ExitStatusMarker {
-		if _, werr := io.WriteString(conn, rendezvous.ExitStatusLine(code)); werr != nil {
+		if _, werr := io.WriteString(conn, wire.ExitStatusLine(code)); werr != nil {
 			return
 		}
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // Invariant 1: no byte lost, none reordered, in pipes mode and raw pty.
@@ -63,7 +64,7 @@ func TestBigOutputThenExit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	marker := rendezvous.ExitStatusLine(3)
+	marker := wire.ExitStatusLine(3)
 	if !bytes.HasSuffix(got, []byte(marker)) {
 		t.Fatalf("stream does not end with the marker: last bytes %q", got[max(0, len(got)-40):])
 	}

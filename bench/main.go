@@ -40,6 +40,7 @@ import (
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 func main() {
@@ -340,7 +341,7 @@ func (e *env) clientSetup(nagle bool) (time.Duration, error) {
 	if _, err := io.WriteString(tc, u.Secret+"\r\n"); err != nil {
 		return 0, err
 	}
-	ack := make([]byte, len(tlsdial.Ack))
+	ack := make([]byte, len(wire.Ack))
 	if _, err := io.ReadFull(tc, ack); err != nil {
 		return 0, err
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/attach-agent/attach-agent/internal/testroot"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 func TestAPIWholePath(t *testing.T) {
@@ -36,7 +37,7 @@ func TestAPIWholePath(t *testing.T) {
 	if code != 200 || v["state"] != "ended" || v["reason"] != "exited" || v["exit_code"] != float64(6) {
 		t.Fatalf("GET wait: %d %v", code, v)
 	}
-	if v["labels"].(map[string]any)["app"] != "shop" || v["secret_fp"] != tlsdial.Fingerprint("api-secret-1") {
+	if v["labels"].(map[string]any)["app"] != "shop" || v["secret_fp"] != wire.Fingerprint("api-secret-1") {
 		t.Errorf("view %v lacks labels or fingerprint", v)
 	}
 

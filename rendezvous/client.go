@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // EOFByte is what the Heroku CLI sends when its stdin ends (Ctrl-D).
@@ -72,7 +73,7 @@ func (c *Client) Run(ctx context.Context) (Result, error) {
 	if out == nil {
 		out = io.Discard
 	}
-	filter := &StatusFilter{W: out}
+	filter := &wire.StatusFilter{W: out}
 	cw := &countWriter{w: filter}
 	_, recvErr := io.Copy(cw, conn)
 	if ferr := filter.Flush(); ferr != nil && recvErr == nil {

@@ -10,10 +10,11 @@ import (
 
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 func TestStatusFilterAnySplit(t *testing.T) {
-	marker := rendezvous.ExitStatusLine(42)
+	marker := wire.ExitStatusLine(42)
 	cases := []struct{ in, out string }{
 		{"hello\n" + marker, "hello\n"},
 		{"a" + marker + "b", "ab"},
@@ -27,7 +28,7 @@ func TestStatusFilterAnySplit(t *testing.T) {
 		for cut := 0; cut <= len(c.in); cut++ {
 			for cut2 := cut; cut2 <= len(c.in); cut2 += max(1, len(c.in)/7) {
 				var out bytes.Buffer
-				f := &rendezvous.StatusFilter{W: &out}
+				f := &wire.StatusFilter{W: &out}
 				for _, part := range []string{c.in[:cut], c.in[cut:cut2], c.in[cut2:]} {
 					if _, err := f.Write([]byte(part)); err != nil {
 						t.Fatal(err)
@@ -79,7 +80,7 @@ func TestClientExitStatusAndEOFByte(t *testing.T) {
 				if _, err := c.Write(append([]byte("got:"), in...)); err != nil {
 					return err
 				}
-				if _, err := io.WriteString(c, rendezvous.ExitStatusLine(3)); err != nil {
+				if _, err := io.WriteString(c, wire.ExitStatusLine(3)); err != nil {
 					return err
 				}
 				return c.CloseWrite()

@@ -20,8 +20,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/attach-agent/attach-agent/tlsdial"
 	"golang.org/x/sys/unix"
+
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // Defaults for Relay. Each is what a zero field means.
@@ -164,9 +165,9 @@ type slot struct {
 }
 
 type side struct {
-	conn  net.Conn         // TLS or plain
-	raw   net.Conn         // TCP under it
-	batch *tlsdial.Batcher // between the two with TLS
+	conn  net.Conn      // TLS or plain
+	raw   net.Conn      // TCP under it
+	batch *wire.Batcher // between the two with TLS
 }
 
 // Listen opens the relay's listening socket (network "tcp", address like
@@ -419,7 +420,7 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 		return
 	}
 	if tcfg != nil {
-		s.batch = tlsdial.NewBatcher(raw)
+		s.batch = wire.NewBatcher(raw)
 		s.conn = tls.Server(s.batch, tcfg)
 	}
 	if tc, ok := s.conn.(*tls.Conn); ok {
@@ -440,7 +441,7 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 		_ = s.conn.Close() // best effort
 		return
 	}
-	fp := tlsdial.Fingerprint(secret)
+	fp := wire.Fingerprint(secret)
 
 	r.mu.Lock()
 	if r.slots == nil {
@@ -584,8 +585,8 @@ func (r *Relay) readFirstLine(c net.Conn) (string, error) {
 				break
 			}
 			line = append(line, b[0])
-			if len(line) > tlsdial.MaxSecretLen+1 {
-				return "", fmt.Errorf("first line longer than %d bytes", tlsdial.MaxSecretLen)
+			if len(line) > wire.MaxSecretLen+1 {
+				return "", fmt.Errorf("first line longer than %d bytes", wire.MaxSecretLen)
 			}
 			// After each byte, quiet for `bare` ends a secret with no line end.
 			if err := c.SetReadDeadline(earliest(deadline, time.Now().Add(bare))); err != nil {
@@ -637,7 +638,7 @@ func (r *Relay) pair(sl *slot, fp string) {
 	wt := orDur(r.WriteTimeout, DefaultWriteTimeout)
 	for _, s := range []*side{a, b} {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(wt))
-		if _, err := io.WriteString(s.conn, tlsdial.Ack); err != nil {
+		if _, err := io.WriteString(s.conn, wire.Ack); err != nil {
 			r.log().Info("relay: ack failed", "secret_fp", fp, "err", err)
 			return
 		}
@@ -754,7 +755,7 @@ func (r *Relay) copy(dst, src *side, fp string, act *pairActivity, second bool) 
 		// reading its stdin) is not dead: the watch bounds only a write
 		// that moves nothing at all (SpliceStall).
 		writing.Store(time.Now().UnixNano())
-		n, err := tlsdial.WriteBatched(dst.batch, dst.conn, buf[:fill])
+		n, err := wire.WriteBatched(dst.batch, dst.conn, buf[:fill])
 		writing.Store(0)
 		total += int64(n)
 		r.stats.Spliced.Add(int64(n))

@@ -19,6 +19,7 @@ import (
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 func TestMain(m *testing.M) { leakcheck.Main(m) }
@@ -179,8 +180,8 @@ func TestAckHasARecordOfItsOwn(t *testing.T) {
 		// Heroku CLI throws that whole first read away.
 		buf := make([]byte, 64<<10)
 		n, err := client.Read(buf)
-		if err != nil || string(buf[:n]) != tlsdial.Ack {
-			t.Fatalf("coalesce=%v: first read = %q, %v; want only %q", coalesce, buf[:n], err, tlsdial.Ack)
+		if err != nil || string(buf[:n]) != wire.Ack {
+			t.Fatalf("coalesce=%v: first read = %q, %v; want only %q", coalesce, buf[:n], err, wire.Ack)
 		}
 		n, err = client.Read(buf)
 		if err != nil || string(buf[:n]) != payload {
@@ -223,8 +224,8 @@ func TestFirstLineVariants(t *testing.T) {
 		}
 		for i, c := range conns {
 			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			buf := make([]byte, len(tlsdial.Ack))
-			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != tlsdial.Ack {
+			buf := make([]byte, len(wire.Ack))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != wire.Ack {
 				t.Fatalf("line ends %q: side %d got %q, %v", ends, i, buf, err)
 			}
 		}
@@ -479,7 +480,7 @@ func TestSecretNeverLogged(t *testing.T) {
 	if strings.Contains(logs.String(), "s3cret-value-xyz") {
 		t.Fatalf("secret in relay logs:\n%s", logs.String())
 	}
-	if !strings.Contains(logs.String(), tlsdial.Fingerprint("s3cret-value-xyz")) {
+	if !strings.Contains(logs.String(), wire.Fingerprint("s3cret-value-xyz")) {
 		t.Fatalf("fingerprint missing from relay logs:\n%s", logs.String())
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"os"
 	"syscall"
 	"time"
+
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // Defaults for Config. Each is what a zero field means.
@@ -122,13 +124,13 @@ type Conn struct {
 	Raw      net.Conn // the TCP connection under TLS
 	Timings  Timings
 	slow     time.Duration
-	batch    *Batcher // under TLS; nil with Config.Plain
+	batch    *wire.Batcher // under TLS; nil with Config.Plain
 }
 
 // Write sends p; over TLS the records of one Write leave in one write(2)
-// (see Batcher), with the same deadlines and errors as the TLS
+// (see wire.Batcher), with the same deadlines and errors as the TLS
 // connection's. If that write fails, no byte of p counts as sent.
-func (c *Conn) Write(p []byte) (int, error) { return WriteBatched(c.batch, c.Conn, p) }
+func (c *Conn) Write(p []byte) (int, error) { return wire.WriteBatched(c.batch, c.Conn, p) }
 
 // Slow reports whether connect plus TLS took longer than the configured
 // threshold; callers log the Timings breakdown when it does.
@@ -260,7 +262,7 @@ func dialOnce(ctx context.Context, u URL, cfg Config, tcfg *tls.Config) (*Conn, 
 	t1 := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
-	bw := NewBatcher(raw)
+	bw := wire.NewBatcher(raw)
 	tc := tls.Client(bw, tcfg)
 	if err := tc.HandshakeContext(hctx); err != nil {
 		_ = raw.Close() // best effort: the attempt failed

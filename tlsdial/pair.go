@@ -8,10 +8,9 @@ import (
 	"os"
 	"strconv"
 	"time"
-)
 
-// Ack is the line the relay writes to each side once both are there.
-const Ack = "rendezvous\r\n"
+	"github.com/attach-agent/attach-agent/wire"
+)
 
 // maxAckLine bounds what Pair reads while looking for the ack; anything
 // longer is not a relay talking.
@@ -97,10 +96,10 @@ func (c *Conn) Pair(ctx context.Context, secret string, timeout time.Duration) e
 		}
 		return fail(err)
 	}
-	if string(line) == Ack || string(line) == "rendezvous\n" {
+	if string(line) == wire.Ack || string(line) == "rendezvous\n" {
 		return nil
 	}
-	return fail(fmt.Errorf("relay answered %s, not the ack %q", quoteLine(line), Ack))
+	return fail(fmt.Errorf("relay answered %s, not the ack %q", quoteLine(line), wire.Ack))
 }
 
 func quoteLine(b []byte) string {

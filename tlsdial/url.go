@@ -8,12 +8,12 @@
 package tlsdial
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"strconv"
 	"strings"
+
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // Scheme is the only URL scheme an attach URL may have.
@@ -21,9 +21,6 @@ const Scheme = "rendezvous"
 
 // DefaultPort is used when an attach URL names no port (Heroku's relay port).
 const DefaultPort = 5000
-
-// MaxSecretLen caps the secret; real secrets are a few dozen bytes.
-const MaxSecretLen = 1024
 
 // URL is a parsed attach URL. Its String method never shows the secret.
 type URL struct {
@@ -36,18 +33,11 @@ type URL struct {
 func (u URL) Addr() string { return net.JoinHostPort(u.Host, strconv.Itoa(u.Port)) }
 
 // Fingerprint is a short, stable, one-way tag for the secret, fit for logs.
-func (u URL) Fingerprint() string { return Fingerprint(u.Secret) }
+func (u URL) Fingerprint() string { return wire.Fingerprint(u.Secret) }
 
 // String shows the URL with the secret replaced by its fingerprint.
 func (u URL) String() string {
 	return Scheme + "://" + u.Addr() + "/{fp:" + u.Fingerprint() + "}"
-}
-
-// Fingerprint returns the first 12 hex digits of the secret's SHA-256.
-// Twelve digits tell sessions apart in logs without helping anyone guess.
-func Fingerprint(secret string) string {
-	sum := sha256.Sum256([]byte(secret))
-	return hex.EncodeToString(sum[:6])
 }
 
 // Parse parses rendezvous://HOST[:PORT]/SECRET. The secret is the path
@@ -136,8 +126,8 @@ func splitHostPort(authority string) (string, int, error) {
 }
 
 func checkSecret(s string) error {
-	if len(s) > MaxSecretLen {
-		return fmt.Errorf("secret is %d bytes, over the %d-byte limit", len(s), MaxSecretLen)
+	if len(s) > wire.MaxSecretLen {
+		return fmt.Errorf("secret is %d bytes, over the %d-byte limit", len(s), wire.MaxSecretLen)
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]

@@ -3,10 +3,12 @@ package tlsdial
 import (
 	"strings"
 	"testing"
+
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 func TestParse(t *testing.T) {
-	long := strings.Repeat("a", MaxSecretLen+1)
+	long := strings.Repeat("a", wire.MaxSecretLen+1)
 	tests := []struct {
 		in      string
 		host    string
@@ -22,7 +24,7 @@ func TestParse(t *testing.T) {
 		{in: "RENDEZVOUS://example.com/s", host: "example.com", port: 5000, secret: "s"},
 		{in: "rendezvous://h:1/a%20b?x=1&y=%2F", host: "h", port: 1, secret: "a%20b?x=1&y=%2F"},
 		{in: "rendezvous://h:1/a/b/c", host: "h", port: 1, secret: "a/b/c"},
-		{in: "rendezvous://h:65535/" + strings.Repeat("z", MaxSecretLen), host: "h", port: 65535, secret: strings.Repeat("z", MaxSecretLen)},
+		{in: "rendezvous://h:65535/" + strings.Repeat("z", wire.MaxSecretLen), host: "h", port: 65535, secret: strings.Repeat("z", wire.MaxSecretLen)},
 
 		{in: "https://h:1/s", wantErr: `scheme "https" is not supported: want rendezvous://`},
 		{in: "h:1/s", wantErr: `missing "://"`},
@@ -81,10 +83,10 @@ func TestURLStringHidesSecret(t *testing.T) {
 	if strings.Contains(s, "supersecret") {
 		t.Fatalf("String() = %q shows the secret", s)
 	}
-	if want := "rendezvous://[::1]:5000/{fp:" + Fingerprint("supersecret") + "}"; s != want {
+	if want := "rendezvous://[::1]:5000/{fp:" + wire.Fingerprint("supersecret") + "}"; s != want {
 		t.Fatalf("String() = %q, want %q", s, want)
 	}
-	if len(u.Fingerprint()) != 12 || u.Fingerprint() == Fingerprint("other") {
+	if len(u.Fingerprint()) != 12 || u.Fingerprint() == wire.Fingerprint("other") {
 		t.Fatalf("fingerprint %q is not a 12-digit tag that tells secrets apart", u.Fingerprint())
 	}
 }
@@ -101,7 +103,7 @@ func FuzzParse(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if u.Secret == "" || len(u.Secret) > MaxSecretLen || u.Host == "" || u.Port < 1 || u.Port > 65535 {
+		if u.Secret == "" || len(u.Secret) > wire.MaxSecretLen || u.Host == "" || u.Port < 1 || u.Port > 65535 {
 			t.Fatalf("Parse(%q) accepted %+v", s, u)
 		}
 		// What parses must parse again to the same thing from its parts.

@@ -13,7 +13,11 @@ var forbidden = map[string][]string{
 	"github.com/attach-agent/attach-agent/tlsdial": {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/ptyio"},
 	// One session: no control API, metrics, journal or supervisor (the
 	// daemon package's, which builds on it).
-	"github.com/attach-agent/attach-agent/agent": {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/daemon"},
+	"github.com/attach-agent/attach-agent/agent": {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/daemon", "github.com/attach-agent/attach-agent/rendezvous"},
+	// What both ends share: bytes only, below every package that dials,
+	// relays or runs.
+	"github.com/attach-agent/attach-agent/wire": {"net/http", "github.com/prometheus/", "github.com/coreos/go-systemd/", "github.com/attach-agent/attach-agent/tlsdial",
+		"github.com/attach-agent/attach-agent/rendezvous", "github.com/attach-agent/attach-agent/ptyio", "github.com/attach-agent/attach-agent/agent"},
 }
 
 func TestPackageBoundaries(t *testing.T) {

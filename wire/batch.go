@@ -1,4 +1,4 @@
-package tlsdial
+package wire
 
 import (
 	"io"

@@ -1,4 +1,4 @@
-package tlsdial_test
+package wire_test
 
 import (
 	"bytes"
@@ -13,7 +13,7 @@ import (
 
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
-	"github.com/attach-agent/attach-agent/tlsdial"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // countingConn records the writes that reach the TCP connection and can
@@ -46,7 +46,7 @@ func (c *countingConn) count() (n, largest int) {
 
 // batchedPair is a TLS connection over loopback TCP whose client side
 // writes through a Batcher over a countingConn; the server side reads.
-func batchedPair(t *testing.T) (*tls.Conn, *tlsdial.Batcher, *countingConn, *tls.Conn) {
+func batchedPair(t *testing.T) (*tls.Conn, *wire.Batcher, *countingConn, *tls.Conn) {
 	t.Helper()
 	certs, err := rendezvous.NewSelfSignedCerts(rendezvous.DefaultHosts)
 	if err != nil {
@@ -54,7 +54,7 @@ func batchedPair(t *testing.T) (*tls.Conn, *tlsdial.Batcher, *countingConn, *tls
 	}
 	raw, sraw := relaytest.TCPPair(t)
 	cc := &countingConn{Conn: raw}
-	b := tlsdial.NewBatcher(cc)
+	b := wire.NewBatcher(cc)
 	client := tls.Client(b, &tls.Config{RootCAs: certs.CAPool, ServerName: "127.0.0.1"})
 	server := tls.Server(sraw, &tls.Config{Certificates: []tls.Certificate{certs.Server}})
 	t.Cleanup(func() { _ = client.Close(); _ = server.Close() })
@@ -99,7 +99,7 @@ func TestBatchOneWritePerWrite(t *testing.T) {
 	got := readN(server, 2*len(data))
 
 	before, _ := cc.count()
-	if n, err := tlsdial.WriteBatched(b, client, data); n != len(data) || err != nil {
+	if n, err := wire.WriteBatched(b, client, data); n != len(data) || err != nil {
 		t.Fatalf("WriteBatched = %d, %v", n, err)
 	}
 	batched, _ := cc.count()
@@ -122,7 +122,7 @@ func TestBatchBoundsItsBuffer(t *testing.T) {
 	data := random(t, 1<<20)
 	got := readN(server, len(data))
 	before, _ := cc.count()
-	if _, err := tlsdial.WriteBatched(b, client, data); err != nil {
+	if _, err := wire.WriteBatched(b, client, data); err != nil {
 		t.Fatal(err)
 	}
 	n, largest := cc.count()
@@ -152,7 +152,7 @@ func TestBatchConcurrentWrites(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := tlsdial.WriteBatched(b, client, d); err != nil {
+			if _, err := wire.WriteBatched(b, client, d); err != nil {
 				t.Error(err)
 			}
 		}()
@@ -172,13 +172,13 @@ func TestBatchErrorIsFinal(t *testing.T) {
 	cc.mu.Lock()
 	cc.fail = boom
 	cc.mu.Unlock()
-	if n, err := tlsdial.WriteBatched(b, client, []byte("hello")); n != 0 || !errors.Is(err, boom) {
+	if n, err := wire.WriteBatched(b, client, []byte("hello")); n != 0 || !errors.Is(err, boom) {
 		t.Fatalf("WriteBatched = %d, %v; want 0, boom", n, err)
 	}
 	cc.mu.Lock()
 	cc.fail = nil // the connection works again; the batch must not
 	cc.mu.Unlock()
-	if _, err := tlsdial.WriteBatched(b, client, []byte("again")); !errors.Is(err, boom) {
+	if _, err := wire.WriteBatched(b, client, []byte("again")); !errors.Is(err, boom) {
 		t.Fatalf("second WriteBatched: %v, want boom", err)
 	}
 	if _, err := b.Write([]byte("raw")); !errors.Is(err, boom) {
