@@ -91,6 +91,7 @@ func TestAPIBadRequests(t *testing.T) {
 		{`{` + url + `, "command": "true", "pair_timeout": "2h"}`, 400, "over the operator's limit of 1m0s"},
 		{`{` + url + `, "command": "true", "env": {"A=B": "x"}}`, 400, "env: variable"},
 		{`{` + url + `, "command": "true", "labels": {"bad key": "x"}}`, 400, "labels: key"},
+		{`{` + url + `, "command": "true", "labels": {"k": "` + strings.Repeat("<", 2000) + `"}}`, 400, "keys and values of at most 1024 bytes"},
 		{`{` + url + `, "command": "true", "user": "a b"}`, 400, `user: "a b": a name or number`},
 		{`{` + url + `, "command": "true", "user": "x:"}`, 400, `user: "x:": want NAME, UID`},
 		{`{` + url + `, "command": "true", "container": {"pid": 1, "rootfs": "/srv/x"}}`, 400, "container: give pid"},

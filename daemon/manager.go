@@ -73,6 +73,7 @@ type Manager struct {
 	metrics *Metrics
 	self    string
 	env     []string
+	key     []byte // the host's key for secret hashes (record.go)
 
 	mu       sync.Mutex
 	sessions map[string]*managed
@@ -80,6 +81,7 @@ type Manager struct {
 	closing  bool // draining or handed over: no new sessions
 	released bool // handed over: the workers are no longer ours to watch
 	watchers sync.WaitGroup
+	creating sync.WaitGroup // creates between reserving and their worker's answer
 
 	spares    chan *spare
 	spareStop chan struct{}
@@ -116,8 +118,12 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	key, err := hostKey(cfg)
+	if err != nil {
+		return nil, err
+	}
 	m := &Manager{
-		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(),
+		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(), key: key,
 		sessions: make(map[string]*managed), spares: make(chan *spare, cfg.Spares),
 		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
 		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1),
@@ -126,6 +132,7 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
 	}
 	go m.keepSpares()
+	go m.rescan()
 	return m, nil
 }
 
@@ -176,10 +183,12 @@ func (m *Manager) startWorker() (*spare, error) {
 		return nil, fmt.Errorf("starting a worker (%s): %w", m.self, err)
 	}
 	sp := &spare{cmd: cmd, link: newLink(fc.(*net.UnixConn))}
-	if pidfd >= 0 {
-		sp.pidfd = pollable(pidfd)
+	if pidfd < 0 {
+		sp.kill()
+		return nil, errors.New("no pidfd for the worker: the daemon needs Linux 5.3 or later (CLONE_PIDFD, pidfd_open)")
 	}
-	if err := sp.link.send(message{Type: "setup", Config: &m.cfg}); err != nil {
+	sp.pidfd = pollable(pidfd)
+	if err := sp.link.send(message{Type: "setup", Config: &m.cfg, Key: m.key}); err != nil {
 		sp.kill()
 		return nil, fmt.Errorf("setting up a worker: %w", err)
 	}
@@ -292,7 +301,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	if err := a.check(spec); err != nil {
 		return View{}, err
 	}
-	hash := secretHash(spec.URL.Secret)
+	hash := secretHash(m.key, spec.URL.Secret)
 	m.mu.Lock()
 	switch {
 	case m.closing:
@@ -315,7 +324,9 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	s.rec = record{ID: s.id, StartedAt: time.Now(), About: spec.About(), SecretHash: hash}
 	m.sessions[s.id] = s
 	m.running++
+	m.creating.Add(1)
 	m.mu.Unlock()
+	defer m.creating.Done()
 	m.changed()
 
 	fail := func(err error) (View, error) {
@@ -338,6 +349,13 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	if err != nil {
 		m.workerFailed()
 		sp.kill()
+		// What it may have started (a record, a command once paired)
+		// ends with it.
+		dir := filepath.Join(m.cfg.sessionsDir(), s.id)
+		if _, serr := os.Lstat(dir); serr == nil {
+			_ = m.lost(dir, s.rec)
+			_ = os.RemoveAll(dir)
+		}
 		return fail(err)
 	}
 	m.mu.Lock()
@@ -501,30 +519,48 @@ func (m *Manager) Adopt() (adopted, reported int) {
 		return 0, 0
 	}
 	for _, e := range entries {
-		if !e.IsDir() {
-			continue
+		if !e.IsDir() || !validID(e.Name()) {
+			continue // not a record of ours: never touched
 		}
 		dir := filepath.Join(m.cfg.sessionsDir(), e.Name())
-		var rec record
-		if err := readFile(dir, workerFile, &rec); err != nil || rec.ID != e.Name() {
-			// A worker that died before its record was whole, or one
-			// writing it now: the latter is this daemon's own, just made.
-			if fi, serr := e.Info(); serr == nil && time.Since(fi.ModTime()) > m.cfg.SetupTimeout {
-				m.log.Warn("removing an incomplete session record", "dir", dir, "err", fmt.Sprint(err))
-				_ = os.RemoveAll(dir)
-			}
-			continue
-		}
 		m.mu.Lock()
-		_, known := m.sessions[rec.ID]
+		_, known := m.sessions[e.Name()]
 		m.mu.Unlock()
 		if known {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(dir, reportedFile)); err == nil {
+			// Its end was logged by a daemon that died before it removed
+			// the record.
+			_ = os.RemoveAll(dir)
+			continue
+		}
+		var rec record
+		if err := readFile(dir, workerFile, &rec); err != nil || rec.ID != e.Name() {
+			// No worker.json yet: a worker writing it now (this daemon's
+			// own, or one a daemon before it was handing a session), or
+			// one that died before it was whole. Removed only when it is
+			// old and nobody answers on its control socket; a record that
+			// is there but unreadable is left for the operator.
+			fi, serr := e.Info()
+			if os.IsNotExist(err) && serr == nil && time.Since(fi.ModTime()) > 2*m.cfg.SetupTimeout && !answers(dir) {
+				m.log.Warn("removing an incomplete session record", "dir", dir)
+				_ = os.RemoveAll(dir)
+			} else if err != nil && !os.IsNotExist(err) {
+				m.log.Error("unreadable session record: left alone", "dir", dir, "err", err.Error())
+			}
 			continue
 		}
 		s := &managed{id: rec.ID, rec: rec, adopted: true, ready: make(chan struct{}), done: make(chan struct{})}
 		close(s.ready)
 		w := process{rec.PID, rec.Start}
 		fd, perr := unix.PidfdOpen(rec.PID, unix.PIDFD_NONBLOCK)
+		if perr != nil && !errors.Is(perr, unix.ESRCH) {
+			// Not "gone": out of fds, or no pidfds. The worker may be
+			// alive: it is not declared lost; a later scan tries again.
+			m.log.Error("cannot watch a session's worker: left for a later scan", "session_id", rec.ID, "worker_pid", rec.PID, "err", perr.Error())
+			continue
+		}
 		if perr == nil && w.alive() { // checked after the pidfd pins the process
 			s.pidfd = os.NewFile(uintptr(fd), "worker")
 			s.link = m.connect(dir)
@@ -557,6 +593,52 @@ func (m *Manager) Adopt() (adopted, reported int) {
 	}
 	m.changed()
 	return adopted, reported
+}
+
+// validID reports whether name is a session ID as newID makes them: the
+// only names in the state directory a daemon reads or removes.
+func validID(name string) bool {
+	if len(name) != 18 || !strings.HasPrefix(name, "s-") {
+		return false
+	}
+	_, err := hex.DecodeString(name[2:])
+	return err == nil
+}
+
+// answers reports whether something listens on dir's control socket.
+func answers(dir string) bool {
+	c, err := net.DialTimeout("unix", filepath.Join(dir, controlFile), time.Second)
+	if err != nil {
+		return false
+	}
+	_ = c.Close()
+	return true
+}
+
+// rescanEvery is how often the state directory is read again for records
+// this daemon does not know: a session a daemon before it was still
+// handing to its worker when it went, or one its scan could not watch.
+const rescanEvery = 5 * time.Second
+
+func (m *Manager) rescan() {
+	t := time.NewTicker(rescanEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-m.spareStop:
+			return
+		}
+		m.mu.Lock()
+		stop := m.closing
+		m.mu.Unlock()
+		if stop {
+			return
+		}
+		if a, r := m.Adopt(); a+r > 0 {
+			m.log.Info("sessions taken over on a rescan", "adopted", a, "reported_ended", r)
+		}
+	}
 }
 
 // connect reaches a worker on its control socket; nil when it cannot be.
@@ -613,7 +695,20 @@ func (m *Manager) tell(s *managed, cause string) {
 // to their ends; the next daemon adopts them.
 func (m *Manager) Release() {
 	m.mu.Lock()
-	m.closing, m.released = true, true
+	m.closing = true
+	m.mu.Unlock()
+	// Creates in flight finish first (a worker answers within the setup
+	// timeout): a session created is then watched, or known to the next
+	// daemon's scan. Past the bound the next daemon's rescan finds it.
+	created := make(chan struct{})
+	go func() { m.creating.Wait(); close(created) }()
+	select {
+	case <-created:
+	case <-time.After(HandoverTimeout / 4):
+		m.log.Warn("handing over with a session still being created: the next daemon's scan adopts it")
+	}
+	m.mu.Lock()
+	m.released = true
 	for _, s := range m.sessions {
 		if s.link != nil {
 			s.link.close()

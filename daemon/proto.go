@@ -30,6 +30,7 @@ type message struct {
 	V      int     `json:"v"`
 	Type   string  `json:"type"`
 	Config *Config `json:"config,omitempty"`
+	Key    []byte  `json:"key,omitempty"` // with setup: the host's key for secret hashes
 	Order  *order  `json:"order,omitempty"`
 	Record *record `json:"record,omitempty"`
 	Result *result `json:"result,omitempty"`

@@ -1,9 +1,12 @@
 package daemon
 
 import (
+	"bytes"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -46,7 +49,7 @@ type record struct {
 	Start      string          `json:"start"` // container.StartTime of PID
 	StartedAt  time.Time       `json:"started_at"`
 	About      agent.About     `json:"about"`
-	SecretHash string          `json:"secret_sha256"` // for the duplicate check; the fingerprint is its prefix
+	SecretHash string          `json:"secret_hmac"` // for the duplicate check (secretHash)
 	Container  *container.Spec `json:"container,omitempty"`
 	Place      string          `json:"place"` // host, join, sandbox: the spawn histogram's label
 }
@@ -100,9 +103,15 @@ func (r result) agentResult() agent.Result {
 // writeFile writes v as JSON to dir/name through a temporary file and a
 // rename.
 func writeFile(dir, name string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // <, > and & as themselves: a record is not HTML
+	if err := enc.Encode(v); err != nil {
 		return err
+	}
+	b := buf.Bytes()
+	if len(b) > maxRecordFile {
+		return fmt.Errorf("%s would be %d bytes, over the %d a daemon reads", name, len(b), maxRecordFile)
 	}
 	tmp := filepath.Join(dir, "."+name+".tmp")
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
@@ -111,8 +120,10 @@ func writeFile(dir, name string, v any) error {
 	return os.Rename(tmp, filepath.Join(dir, name))
 }
 
-// maxRecordFile bounds what a daemon reads of a record's file.
-const maxRecordFile = 1 << 20
+// maxRecordFile bounds a record's file, written and read. A request is at
+// most MaxRequestBody and specFor bounds its labels, so a record is far
+// below it.
+const maxRecordFile = 4 << 20
 
 func readFile(dir, name string, v any) error {
 	f, err := os.Open(filepath.Join(dir, name))
@@ -163,5 +174,81 @@ func makeStateDir(cfg Config) error {
 	if !fi.IsDir() || !ok || int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o077 != 0 {
 		return &ConfigError{"--state-dir", fmt.Sprintf("%s must be a directory of ours with mode 0700 (it holds the sessions' control sockets); fix it or pick another --state-dir", dir)}
 	}
-	return nil
+	// Nobody else may swap a directory on the way to it for a link: the
+	// daemon removes ended records under it, as root.
+	for d := filepath.Dir(dir); ; d = filepath.Dir(d) {
+		fi, err := os.Lstat(d)
+		if err != nil {
+			return &ConfigError{"--state-dir", err.Error()}
+		}
+		ok := closedToOthers(fi)
+		if fi.Mode()&os.ModeSymlink != 0 {
+			real, err := filepath.EvalSymlinks(d)
+			ok = err == nil && safeDir(real)
+		}
+		if !ok {
+			return &ConfigError{"--state-dir", fmt.Sprintf("%s may be changed by others (mode %v): pick a --state-dir whose every parent is root's and closed to others, such as /run/attach-agent", d, fi.Mode())}
+		}
+		if d == filepath.Dir(d) {
+			return nil
+		}
+	}
+}
+
+// safeDir reports whether dir and each of its parents are closed to others.
+func safeDir(dir string) bool {
+	for d := dir; ; d = filepath.Dir(d) {
+		fi, err := os.Lstat(d)
+		if err != nil || !closedToOthers(fi) {
+			return false
+		}
+		if d == filepath.Dir(d) {
+			return true
+		}
+	}
+}
+
+// closedToOthers: a directory of root's or ours that nobody else may write,
+// or a sticky one (as /tmp) where others may add names but not move ours.
+func closedToOthers(fi os.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || !fi.IsDir() || st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+		return false
+	}
+	return fi.Mode().Perm()&0o022 == 0 || fi.Mode()&os.ModeSticky != 0
+}
+
+// hostKey is STATE/key, 32 random bytes made by the first daemon of a boot
+// (the state directory is a tmpfs) and read by the next: the key of the
+// secrets' HMACs in records, so that two daemons compare them alike.
+func hostKey(cfg Config) ([]byte, error) {
+	path := filepath.Join(cfg.StateDir, "key")
+	key := make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err == nil {
+		_, werr := f.Write(key)
+		if cerr := f.Close(); werr == nil {
+			werr = cerr
+		}
+		if werr != nil {
+			return nil, &ConfigError{"--state-dir", werr.Error()}
+		}
+		return key, nil
+	}
+	if !os.IsExist(err) {
+		return nil, &ConfigError{"--state-dir", err.Error()}
+	}
+	f, err = os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, &ConfigError{"--state-dir", err.Error()}
+	}
+	defer f.Close()
+	n, err := io.ReadFull(f, key)
+	if err != nil || n != len(key) {
+		return nil, &ConfigError{"--state-dir", fmt.Sprintf("%s: not a 32-byte key (%v): remove it, it is made again", path, err)}
+	}
+	return key, nil
 }

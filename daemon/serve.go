@@ -66,8 +66,15 @@ func Serve(ctx context.Context, cfg Config) error {
 		}
 	}()
 
+	// The socket first: systemd's passed sockets are marked close-on-exec
+	// here, before any worker is started.
+	ln, err := controlListener(cfg.Control)
+	if err != nil {
+		return err
+	}
 	mgr, err := NewManager(cfg, log, metrics)
 	if err != nil {
+		_ = ln.Close()
 		return err
 	}
 	// The sessions an earlier daemon left are ours now; then what agents
@@ -77,12 +84,6 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	if n := container.Sweep(); n > 0 {
 		log.Warn("ended what a previous agent left behind", "cgroups", n)
-	}
-
-	ln, err := controlListener(cfg.Control)
-	if err != nil {
-		mgr.Release()
-		return err
 	}
 	access := cfg.Access
 	if len(access.UIDs) == 0 && len(access.GIDs) == 0 {

@@ -39,6 +39,13 @@ type Request struct {
 	Container        json.RawMessage   `json:"container,omitempty"`
 }
 
+// Labels are carried into every log line of a session and its record:
+// bounded so that neither grows without end.
+const (
+	maxLabels   = 64
+	maxLabelLen = 1024
+)
+
 // specFor turns a request into a session spec under the operator's
 // bounds in cfg, or says which field is wrong. The daemon calls it to
 // answer the request, the worker to run it: one reading of a request.
@@ -120,7 +127,13 @@ func specFor(cfg Config, req Request) (agent.Spec, error) {
 		}
 		*d.dst = v
 	}
-	for k := range req.Labels {
+	if len(req.Labels) > maxLabels {
+		return bad("labels", "%d labels: at most %d", len(req.Labels), maxLabels)
+	}
+	for k, v := range req.Labels {
+		if len(k) > maxLabelLen || len(v) > maxLabelLen {
+			return bad("labels", "key %.40q: keys and values of at most %d bytes", k, maxLabelLen)
+		}
 		if k == "" || strings.ContainsFunc(k, func(r rune) bool {
 			return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_')
 		}) {

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -71,8 +72,11 @@ func runWorker() int {
 		debug.FreeOSMemory()
 	})
 	defer settle()
-	// The command must not hold the daemon's end of things.
+	// The command must not hold the daemon's end of things, nor anything
+	// else this process was started with past stderr (fds the daemon
+	// inherited, such as systemd's sockets).
 	unix.CloseOnExec(3)
+	_ = unix.CloseRange(4, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
 	f := os.NewFile(3, "daemon")
 	fc, err := net.FileConn(f)
 	_ = f.Close()
@@ -103,7 +107,7 @@ func runWorker() int {
 	if err != nil || m.Type != "setup" || m.Config == nil {
 		return 0 // the daemon went away before it set us up: nothing to do
 	}
-	cfg := *m.Config
+	cfg, key := *m.Config, m.Key
 	log, err := NewLogger(cfg.LogFormat, os.Stderr, nil)
 	if err != nil {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -125,7 +129,7 @@ func runWorker() int {
 	}
 	o := *m.Order
 	time.AfterFunc(startBound, settle)
-	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle}
+	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key}
 	spec, err := w.prepare(o, dial, tlsErr)
 	if err != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
@@ -178,6 +182,7 @@ type worker struct {
 	rec    record
 	cancel context.CancelCauseFunc
 	settle func() // the collector back on, once the session runs
+	key    []byte // the host's key for secretHash
 
 	mu    sync.Mutex
 	links []*link
@@ -210,7 +215,7 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 	}
 	w.rec = record{
 		V: recordVersion, ID: o.ID, PID: os.Getpid(), Start: self, StartedAt: time.Now(), About: spec.About(),
-		SecretHash: secretHash(spec.URL.Secret), Place: spec.Container.Place(),
+		SecretHash: secretHash(w.key, spec.URL.Secret), Place: spec.Container.Place(),
 	}
 	if !spec.Container.IsZero() {
 		ctr := spec.Container
@@ -330,8 +335,10 @@ func (w *worker) broadcast(m message) {
 }
 
 // secretHash is what records keep of a secret: enough to refuse a second
-// session with it, nothing to pair with.
-func secretHash(secret string) string {
-	sum := sha256.Sum256([]byte(secret))
-	return hex.EncodeToString(sum[:])
+// session with it, nothing to pair with, and nothing to test guesses
+// against without the host's key (an HMAC, not a bare hash).
+func secretHash(key []byte, secret string) string {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(secret))
+	return hex.EncodeToString(m.Sum(nil))
 }

@@ -26,11 +26,11 @@ grep -qx 'KillMode=process' "$root/lib/systemd/system/attach-agent.service"
 grep -qx 'RuntimeDirectoryPreserve=yes' "$root/lib/systemd/system/attach-agent.service"
 ctl=$(mktemp -d)
 dpkg-deb -e "$deb" "$ctl"
-for s in postinst prerm postrm; do
+for s in preinst postinst prerm postrm; do
   test -x "$ctl/$s" || { echo "check-deb: $deb lacks the $s script"; exit 1; }
   sh -n "$ctl/$s"
 done
-grep -q 'systemctl restart attach-agent.service' "$ctl/postinst"
-grep -q 'systemctl stop attach-agent-drain.service' "$ctl/prerm"
+grep -q 'systemctl try-restart attach-agent.service' "$ctl/postinst"
+grep -q 'attach-agent drain' "$ctl/prerm"
 rm -rf "$ctl"
 echo "check-deb: $deb ok"

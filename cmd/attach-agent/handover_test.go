@@ -378,9 +378,27 @@ func TestReusedPIDNotAdopted(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(rec, "worker.json"), []byte(worker), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// A directory that is no record of ours, and a record whose end was
+	// logged by a daemon that died before it removed it.
+	stray := filepath.Join(state, "sessions", "not-a-record", "precious")
+	logged := filepath.Join(state, "sessions", "s-00000000000000aa")
+	for _, d := range []string{stray, logged} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(logged, "reported"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	p := startServe(t, bin, nil, "--ca", relay.CAFile(t), "--control", control, "--state-dir", state)
 	a := newAPI(control)
 	a.post(t, relay, "reuse-probe", `"true"`) // the daemon is up
+	if _, err := os.Stat(stray); err != nil {
+		t.Errorf("the daemon touched a directory that is no record of its: %v", err)
+	}
+	if _, err := os.Stat(logged); !os.IsNotExist(err) {
+		t.Errorf("a record already reported is still there: %v", err)
+	}
 	_, v := a.do("GET", "/v1/sessions/s-0123456789abcdef", "")
 	if v["state"] != "ended" || v["reason"] != "agent_error" || v["adopted"] != true {
 		t.Fatalf("the reused pid's session: %v\n%s", v, p.logs())
@@ -442,4 +460,57 @@ func TestWorkerPanicIsOneSessions(t *testing.T) {
 	}
 	a.do("DELETE", "/v1/sessions/"+survivor, "")
 	s.end(t)
+}
+
+// A session's command holds no descriptor but its own stdio, whatever the
+// daemon was started with (a parent's leaked fds, systemd's sockets).
+func TestCommandGetsNoStrayFds(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := buildAgent(t)
+	relay := relaytest.Start(t, nil)
+	dir := t.TempDir()
+	control := filepath.Join(dir, "control.sock")
+	var extra []*os.File
+	for range 3 {
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		defer w.Close()
+		extra = append(extra, r)
+	}
+	log, err := os.Create(filepath.Join(dir, "serve.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	cmd := exec.Command(bin, "serve", "--metrics-listen", "", "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"))
+	cmd.ExtraFiles = extra // fds 3, 4, 5 in serve, not close-on-exec
+	cmd.Stderr = log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	a := newAPI(control)
+	id := a.post(t, relay, "fds", `"echo up; exec sleep 1006"`)
+	attachStream(t, relay, "fds").until(t, "up")
+	pids := proctest.Sleepers("1006")
+	if len(pids) != 1 {
+		t.Fatalf("sleep 1006: %v", pids)
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pids[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fds []string
+	for _, e := range ents {
+		fds = append(fds, e.Name())
+	}
+	if strings.Join(fds, " ") != "0 1 2" {
+		t.Errorf("the command's fds: %v, want 0 1 2 alone", fds)
+	}
+	a.do("DELETE", "/v1/sessions/"+id, "")
 }

@@ -161,6 +161,17 @@ func TestServeBadFlags(t *testing.T) {
 			t.Errorf("%q: %d %q", tc.args, code, stderr)
 		}
 	}
+	// A state directory below one that others may write is refused.
+	open := filepath.Join(t.TempDir(), "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, stderr := runCLI("serve", "--metrics-listen", "", "--control", filepath.Join(t.TempDir(), "c.sock"), "--state-dir", filepath.Join(open, "state")); code == 0 || !strings.Contains(stderr, "may be changed by others") {
+		t.Errorf("a state dir under a world-writable directory: %d %q", code, stderr)
+	}
 	// A path that exists and is not a socket is refused, not removed.
 	f := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(f, []byte("keep me"), 0o600); err != nil {
