@@ -158,7 +158,10 @@ type spare struct {
 	link  *link
 }
 
-func (m *Manager) startWorker() (*spare, error) {
+// startWorker starts a worker and sets it up; a spare (warm) warms up
+// before it waits, one started for a session at hand does not (its
+// session waits on it).
+func (m *Manager) startWorker(warm bool) (*spare, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("worker socket pair: %w", err)
@@ -188,9 +191,20 @@ func (m *Manager) startWorker() (*spare, error) {
 		return nil, errors.New("no pidfd for the worker: the daemon needs Linux 5.3 or later (CLONE_PIDFD, pidfd_open)")
 	}
 	sp.pidfd = pollable(pidfd)
-	if err := sp.link.send(message{Type: "setup", Config: &m.cfg, Key: m.key}); err != nil {
+	if err := sp.link.send(message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm}); err != nil {
 		sp.kill()
 		return nil, fmt.Errorf("setting up a worker: %w", err)
+	}
+	if warm {
+		// A spare joins the pool once warm: taken while warming, its
+		// session would wait for the warm-up.
+		_ = sp.link.c.SetReadDeadline(time.Now().Add(m.cfg.SetupTimeout))
+		ready, err := sp.link.recv()
+		_ = sp.link.c.SetReadDeadline(time.Time{})
+		if err != nil || ready.Type != "ready" {
+			sp.kill()
+			return nil, fmt.Errorf("a spare worker did not get ready: %v", err)
+		}
 	}
 	return sp, nil
 }
@@ -215,7 +229,7 @@ func (m *Manager) keepSpares() {
 		return
 	}
 	for {
-		sp, err := m.startWorker()
+		sp, err := m.startWorker(true)
 		if err != nil {
 			m.workerFailed()
 			m.log.Error("starting a spare worker", "err", err.Error())
@@ -284,7 +298,7 @@ func (m *Manager) takeWorker() (*spare, error) {
 		}
 		return sp, nil
 	default:
-		return m.startWorker() // all spares taken: one now
+		return m.startWorker(false) // all spares taken: one now
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 // version apart still understand what both know.
 //
 //	daemon -> worker  {"type":"setup","config":{...}}        first, at the worker's start (pair only)
+//	worker -> daemon  {"type":"ready"}                       a spare is warm (setup with "warm")
 //	daemon -> worker  {"type":"order","order":{...}}         a session to run (pair only; the secret is in it)
 //	worker -> daemon  {"type":"accepted","record":{...}}     the record is written, the session runs
 //	worker -> daemon  {"type":"refused","error":"..."}       it does not, and the worker exits
@@ -30,7 +31,8 @@ type message struct {
 	V      int     `json:"v"`
 	Type   string  `json:"type"`
 	Config *Config `json:"config,omitempty"`
-	Key    []byte  `json:"key,omitempty"` // with setup: the host's key for secret hashes
+	Key    []byte  `json:"key,omitempty"`  // with setup: the host's key for secret hashes
+	Warm   bool    `json:"warm,omitempty"` // with setup: a spare, to warm up before it waits
 	Order  *order  `json:"order,omitempty"`
 	Record *record `json:"record,omitempty"`
 	Result *result `json:"result,omitempty"`

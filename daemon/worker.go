@@ -118,8 +118,13 @@ func runWorker() int {
 		dial.TLS, tlsErr = tlsdial.LoadTLS(cfg.CA, cfg.Cert, cfg.Key)
 	}
 
-	if tlsErr == nil && !dial.Plain {
-		warmUp(dial.TLS)
+	if m.Warm {
+		if tlsErr == nil && !dial.Plain {
+			warmUp(dial.TLS)
+		}
+		if err := daemonLink.send(message{Type: "ready"}); err != nil {
+			return 0
+		}
 	}
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).

@@ -27,6 +27,11 @@ type URL struct {
 	Host   string // host name or IP literal, without brackets
 	Port   int    // 1..65535
 	Secret string // sent verbatim as the first line; never log it
+	// V2 selects protocol v2 (framed: stdout and stderr apart, end of
+	// input, window size, keepalive, exit status and end reason in band):
+	// the URL's fragment #v2, which is never sent on the wire, so both
+	// ends agree on it out of band and the relay sees nothing new.
+	V2 bool
 }
 
 // Addr is the relay's dial address (IPv6 literals bracketed).
@@ -37,12 +42,20 @@ func (u URL) Fingerprint() string { return wire.Fingerprint(u.Secret) }
 
 // String shows the URL with the secret replaced by its fingerprint.
 func (u URL) String() string {
-	return Scheme + "://" + u.Addr() + "/{fp:" + u.Fingerprint() + "}"
+	s := Scheme + "://" + u.Addr() + "/{fp:" + u.Fingerprint() + "}"
+	if u.V2 {
+		s += "#" + FragmentV2
+	}
+	return s
 }
 
-// Parse parses rendezvous://HOST[:PORT]/SECRET. The secret is the path
-// without its leading "/" plus the query string, kept verbatim (percent
-// escapes are not decoded), exactly as the Heroku CLI sends it.
+// FragmentV2 is the attach URL's fragment that selects protocol v2.
+const FragmentV2 = "v2"
+
+// Parse parses rendezvous://HOST[:PORT]/SECRET[#v2]. The secret is the
+// path without its leading "/" plus the query string, kept verbatim
+// (percent escapes are not decoded), exactly as the Heroku CLI sends it.
+// The fragment, never sent, selects protocol v2; no other is known.
 //
 // Errors never contain the secret itself.
 func Parse(raw string) (URL, error) {
@@ -53,6 +66,15 @@ func Parse(raw string) (URL, error) {
 	}
 	if !strings.EqualFold(scheme, Scheme) {
 		return u, fmt.Errorf("attach url: scheme %q is not supported: want %s://HOST:PORT/SECRET", clip(scheme), Scheme)
+	}
+	rest, frag, hasFrag := strings.Cut(rest, "#")
+	v2 := false
+	switch {
+	case !hasFrag || frag == "":
+	case frag == FragmentV2:
+		v2 = true
+	default:
+		return u, fmt.Errorf("attach url: fragment #%s is not known: #%s selects protocol v2, no fragment the Heroku wire", clip(frag), FragmentV2)
 	}
 	authority, secret, ok := strings.Cut(rest, "/")
 	if !ok || secret == "" {
@@ -68,7 +90,7 @@ func Parse(raw string) (URL, error) {
 	if err := checkSecret(secret); err != nil {
 		return u, fmt.Errorf("attach url: %w", err)
 	}
-	return URL{Host: host, Port: port, Secret: secret}, nil
+	return URL{Host: host, Port: port, Secret: secret, V2: v2}, nil
 }
 
 func splitHostPort(authority string) (string, int, error) {

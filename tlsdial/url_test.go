@@ -7,6 +7,23 @@ import (
 	"github.com/attach-agent/attach-agent/wire"
 )
 
+// #v2 selects protocol v2 and is no part of the secret; no fragment (or
+// an empty one, as a URL library drops it) is the Heroku wire.
+func TestParseV2(t *testing.T) {
+	for in, v2 := range map[string]bool{
+		"rendezvous://h:1/abc#v2": true, "rendezvous://h:1/abc": false, "rendezvous://h:1/abc#": false,
+		"rendezvous://h:1/abc?x=1#v2": true,
+	} {
+		u, err := Parse(in)
+		if err != nil || u.V2 != v2 || strings.Contains(u.Secret, "#") || !strings.HasPrefix(u.Secret, "abc") {
+			t.Errorf("Parse(%q) = %+v, %v; want V2 %v and no fragment in the secret", in, u, err, v2)
+		}
+		if v2 && !strings.HasSuffix(u.String(), "#v2") {
+			t.Errorf("String() = %q: want the #v2", u.String())
+		}
+	}
+}
+
 func TestParse(t *testing.T) {
 	long := strings.Repeat("a", wire.MaxSecretLen+1)
 	tests := []struct {
@@ -47,7 +64,8 @@ func TestParse(t *testing.T) {
 		{in: "rendezvous://h:1/a\tb", wantErr: "(0x09)"},
 		{in: "rendezvous://h:1/ab\r\n", wantErr: "(0x0d)"},
 		{in: "rendezvous://h:1/a\x00", wantErr: "(0x00)"},
-		{in: "rendezvous://h:1/a#frag", wantErr: "URL fragment"},
+		{in: "rendezvous://h:1/a#frag", wantErr: "fragment #frag is not known: #v2 selects protocol v2"},
+		{in: "rendezvous://h:1/a#v2#v2", wantErr: "fragment #v2#v2 is not known"},
 	}
 	for _, tt := range tests {
 		u, err := Parse(tt.in)

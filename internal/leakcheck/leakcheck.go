@@ -1,4 +1,6 @@
-// Package leakcheck fails a test binary whose goroutines outlive its tests.
+// Package leakcheck fails a test binary whose goroutines outlive its tests
+// (and keeps the race runtime from sleeping at the exit of the children
+// such a binary starts: see Main).
 // A leak is a goroutine with a frame of this module's code in its stack
 // after every test has returned (a pump, relay or session goroutine that
 // never ended); goroutines of the runtime and the testing package are not
@@ -20,6 +22,13 @@ const module = "github.com/attach-agent/attach-agent/"
 // to end; if some do not, it prints their stacks and exits 1. Use it as
 // TestMain's body.
 func Main(m *testing.M) {
+	// The test binary re-executed (session workers, sandbox inits, a
+	// spare's warm-up) must not sleep a second at its exit, as a race-built
+	// binary does by default (ThreadSanitizer's atexit_sleep_ms): children
+	// read GORACE at their start.
+	if os.Getenv("GORACE") == "" {
+		_ = os.Setenv("GORACE", "atexit_sleep_ms=0")
+	}
 	code := m.Run()
 	if code == 0 {
 		if err := Wait(10 * time.Second); err != nil {
