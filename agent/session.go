@@ -70,6 +70,11 @@ type Spec struct {
 	Caller *Caller
 	// ID names the session to its client in an internal error's notice.
 	ID string
+	// Keepalive and PeerTimeout bound a protocol v2 session's link (the
+	// URL's #v2): a ping every Keepalive, and a client not heard for
+	// PeerTimeout is gone (client_gone). Zero: DefaultKeepalive,
+	// DefaultPeerTimeout; negative: off.
+	Keepalive, PeerTimeout time.Duration
 	// Started, when set, is called with the command's pid once it runs
 	// (its process group has the same id), so that the caller can end
 	// what is left if this process is killed.
@@ -145,7 +150,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		if conn != nil {
 			func() {
 				defer func() { _ = recover() }() // a second fault must not take the daemon
-				tellClient(conn, internalError(spec), spec, ExitAgentError)
+				tellClient(conn, ptyio.ReasonAgentError, internalError(spec), spec, ExitAgentError)
 			}()
 		}
 		res.Reason, res.Err, res.ExitCode = ptyio.ReasonAgentError, err, ExitAgentError
@@ -169,6 +174,9 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 	// dial is on the wire, off the path to the first byte. A failure is
 	// told to the client once paired; nothing runs before that either way.
 	ps := spec.Process
+	if spec.URL.V2 {
+		ps.SeparateStderr = !ps.TTY // stderr frames of their own
+	}
 	var release func() error
 	var applyErr error
 	applied := make(chan struct{})
@@ -239,7 +247,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		// it cannot bound (a stat on a hung filesystem in the image).
 		err := fmt.Errorf("setup took longer than its timeout (%v): the image or container held it up", setup)
 		res = fail(ReasonSpawnFailed, err)
-		tellClient(conn, err, spec, res.ExitCode)
+		tellClient(conn, res.Reason, err, spec, res.ExitCode)
 		return res
 	}
 	if err = applyErr; err == nil && spec.DenyRoot {
@@ -263,7 +271,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 			res.Reason = ptyio.ReasonAgentError
 			err = internalError(spec) // never the panic's text: it may name host paths
 		}
-		tellClient(conn, err, spec, res.ExitCode)
+		tellClient(conn, res.Reason, err, spec, res.ExitCode)
 		return res
 	}
 	res.Started = true
@@ -285,8 +293,16 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 	if pc.Unsent == nil {
 		pc.Unsent = ptyio.SocketUnsent(conn.Raw.(syscall.Conn))
 	}
+	var st ptyio.Stream = conn
+	if spec.URL.V2 {
+		// Frames both ways: the end of input, the exit and the reason are
+		// in band, so no byte is special (0x04 is data) and no marker.
+		v2 := newV2Stream(conn, spec.Keepalive, spec.PeerTimeout)
+		v2.resize = func(cols, rows uint16) { _ = proc.Resize(cols, rows) } // best effort: a gone pty ends the session anyway
+		st, pc.Ending, pc.Stderr, pc.EOFByte, pc.ExitMarker = v2, v2.Ending, v2.Stderr(), false, nil
+	}
 	startPump := time.Since(t0)
-	pr := ptyio.Run(ctx, conn, proc, pc)
+	pr := ptyio.Run(ctx, st, proc, pc)
 	res.Reason, res.ExitCode, res.Signal, res.Err = pr.Reason, pr.ExitCode, pr.Signal, pr.Err
 	res.BytesIn, res.BytesOut, res.Empty = pr.BytesIn, pr.BytesOut, pr.EmptyReads
 	if pr.FirstOutput > 0 {
@@ -296,8 +312,13 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 }
 
 // tellClient sends a failure as one line starting "attach-agent:", the
-// exit marker if asked, and ends the stream politely.
-func tellClient(conn *tlsdial.Conn, err error, spec Spec, code int) {
+// exit marker if asked, and ends the stream politely; under v2, as the
+// end's frames.
+func tellClient(conn *tlsdial.Conn, reason ptyio.Reason, err error, spec Spec, code int) {
+	if spec.URL.V2 {
+		tellClientV2(conn, reason, err, code)
+		return
+	}
 	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
 	msg := "attach-agent: " + err.Error() + "\r\n"
 	if _, werr := io.WriteString(conn, msg); werr != nil {

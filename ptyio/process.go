@@ -32,10 +32,13 @@ type Spec struct {
 	Argv []string // program and arguments; Argv[0] is looked up in the child's PATH
 	Env  []string // the child's whole environment (PATH and, with a tty, TERM are added when absent)
 	Dir  string   // working directory; empty: the agent's
-	TTY  bool     // run under a pty; false: plain pipes, stdout and stderr merged
+	TTY  bool     // run under a pty; false: plain pipes, stdout and stderr merged (unless SeparateStderr)
 	Raw  bool     // with TTY: no echo, no CR/LF rewriting, no line editing or limit
 	Cols uint16   // initial pty width; zero: 80
 	Rows uint16   // initial pty height; zero: 24
+	// SeparateStderr, in pipes mode, gives stderr a pipe of its own (the
+	// pump copies it to Config.Stderr).
+	SeparateStderr bool
 
 	// SysProcAttr, when set, is the base for the child's attributes
 	// (credentials, namespaces); Setsid and the controlling tty are set here.
@@ -126,10 +129,13 @@ type Process struct {
 	// interrupt blocked reads and writes.
 	master *os.File
 	input  *os.File
+	stderr *os.File // pipes mode with SeparateStderr
 	tty    bool
-	raw    bool
-	ptsDev string
-	launch func(*exec.Cmd) error
+
+	separateStderr bool
+	raw            bool
+	ptsDev         string
+	launch         func(*exec.Cmd) error
 
 	done    chan struct{}
 	state   *os.ProcessState
@@ -165,7 +171,7 @@ func Start(spec Spec) (p *Process, err error) {
 	}
 	attr.Setsid = true // own session and process group: one signal reaches all of it
 	cmd := &exec.Cmd{Path: path, Args: spec.Argv, Env: env, Dir: spec.Dir, SysProcAttr: attr}
-	p = &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{}), launch: spec.Launch}
+	p = &Process{cmd: cmd, tty: spec.TTY, raw: spec.Raw, done: make(chan struct{}), launch: spec.Launch, separateStderr: spec.SeparateStderr && !spec.TTY}
 	if spec.TTY {
 		err = p.startPTY(spec)
 	} else {
@@ -264,13 +270,27 @@ func (p *Process) startPipes() error {
 		return err
 	}
 	p.cmd.Stdin, p.cmd.Stdout, p.cmd.Stderr = inR, outW, outW
+	var errR, errW *os.File
+	if p.separateStderr {
+		if errR, errW, err = os.Pipe(); err != nil {
+			_, _, _, _ = inR.Close(), inW.Close(), outR.Close(), outW.Close()
+			return err
+		}
+		p.cmd.Stderr = errW
+	}
 	err = p.start()
 	_, _ = inR.Close(), outW.Close() // the child's ends
+	if errW != nil {
+		_ = errW.Close()
+	}
 	if err != nil {
 		_, _ = inW.Close(), outR.Close()
+		if errR != nil {
+			_ = errR.Close()
+		}
 		return err
 	}
-	p.master, p.input = outR, inW
+	p.master, p.input, p.stderr = outR, inW, errR
 	return nil
 }
 
@@ -303,6 +323,26 @@ func (p *Process) ExitStatus() (code int, sig syscall.Signal) {
 		return 128 + int(ws.Signal()), ws.Signal()
 	}
 	return p.state.ExitCode(), 0
+}
+
+// CoreDumped reports, after Done, whether a signal that ended the process
+// made it dump core.
+func (p *Process) CoreDumped() bool {
+	<-p.done
+	if p.state == nil {
+		return false
+	}
+	ws, ok := p.state.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.CoreDump()
+}
+
+// Resize sets the pty's window size (a no-op in pipes mode): the command
+// gets SIGWINCH from the kernel.
+func (p *Process) Resize(cols, rows uint16) error {
+	if !p.tty || cols == 0 || rows == 0 {
+		return nil
+	}
+	return pty.Setsize(p.master, &pty.Winsize{Cols: cols, Rows: rows})
 }
 
 // Signal sends sig to the whole process group; a group already gone is not
@@ -360,6 +400,9 @@ func (p *Process) Close() error {
 	err := p.master.Close()
 	if p.input != p.master {
 		err = errors.Join(err, p.input.Close())
+	}
+	if p.stderr != nil {
+		err = errors.Join(err, p.stderr.Close())
 	}
 	return err
 }

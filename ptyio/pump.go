@@ -113,6 +113,14 @@ type Config struct {
 	// goroutines ("input", "output"); a panic there is recovered as any
 	// other. Nil in production.
 	Fault func(point string) `json:"-"`
+	// Ending, when set, writes the session's end to the stream in place of
+	// the notice line and the exit marker (protocol v2's frames), after
+	// all output and before close_notify.
+	Ending func(Ending) error `json:"-"`
+	// Stderr, when set and the process has a stderr of its own
+	// (Spec.SeparateStderr), takes that output (protocol v2's stderr
+	// frames) under the same bounds as stdout's.
+	Stderr io.Writer `json:"-"`
 	// FirstOutput, when set, is called once, after the first output byte
 	// was written to the stream (from the output goroutine: it must not
 	// block).
@@ -192,9 +200,25 @@ type session struct {
 // timeout by this much, and a quiet pty still ends the drain at once.
 const ttyBufferSlack = 64 << 10
 
-// errHangUp is the client ending its stream on a wire where that means it
-// is gone (see halfCloseIsEOF).
-var errHangUp = errors.New("the client closed its stream (hang-up)")
+// ErrHangUp is the client ending its stream on a wire where that means it
+// is gone (see halfCloseIsEOF), or a stream's way to say the client hung
+// up (protocol v2's hang-up frame): the command is ended as client_gone
+// while its output still reaches the client.
+var ErrHangUp = errors.New("the client closed its stream (hang-up)")
+
+// ErrEndOfInput is a stream's way to say the client's input is over while
+// the stream goes on (protocol v2's EOF frame): the process's input ends
+// (a pipe closed, a pty's EOF) and the stream is read on.
+var ErrEndOfInput = errors.New("the client ended its input")
+
+// Ending is what Config.Ending is told of the session's end.
+type Ending struct {
+	Reason     Reason
+	Notice     string // for a reason other than exited, the words the Heroku wire's notice line has
+	Code       int
+	Signal     syscall.Signal
+	CoreDumped bool
+}
 
 func (s *session) touch() { s.lastActive.Store(int64(time.Since(s.start))) }
 
@@ -236,6 +260,19 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		}()
 		outDone <- s.output()
 	}()
+	errDone := make(chan error, 1)
+	if p.stderr != nil && cfg.Stderr != nil {
+		go func() {
+			defer func() {
+				if err := Recovered("stderr -> stream", recover()); err != nil {
+					errDone <- err
+				}
+			}()
+			errDone <- s.copyStderr()
+		}()
+	} else {
+		errDone <- nil
+	}
 
 	var (
 		ps         pumpState
@@ -258,7 +295,7 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		reason, detail = r, err
 		// A hang-up leaves the stream up: the command's output while it
 		// ends still reaches the client, which waits for our close.
-		if (r == ReasonClientGone || r == ReasonStalled) && !errors.Is(err, errHangUp) {
+		if (r == ReasonClientGone || r == ReasonStalled) && !errors.Is(err, ErrHangUp) {
 			streamDead = true
 			_ = st.Close() // unblocks both directions at once
 		}
@@ -300,6 +337,9 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			s.exited.Store(true)
 			// Bound the drain: a background child can hold the pty open.
 			_ = p.master.SetReadDeadline(time.Now().Add(cfg.DrainQuiet))
+			if p.stderr != nil {
+				_ = p.stderr.SetReadDeadline(time.Now().Add(cfg.DrainQuiet))
+			}
 		case err := <-outDone:
 			ps.output = outputOver
 			step("output over")
@@ -347,19 +387,35 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 	if reason == "" {
 		reason = ReasonExited
 	}
+	if err := <-errDone; err != nil && detail == nil {
+		var pe *PanicError
+		if errors.As(err, &pe) {
+			reason, detail = ReasonAgentError, err
+		}
+	}
 	code, sig := p.ExitStatus()
 	step("drained")
 
 	if !streamDead {
 		_ = st.SetWriteDeadline(time.Now().Add(cfg.StallTimeout))
 		var werr error
-		if reason != ReasonExited {
-			step("notice")
-			_, werr = io.WriteString(st, "\r\nattach-agent: session ended: "+notice(reason, cfg)+"\r\n")
-		}
-		if werr == nil && cfg.ExitMarker != nil {
-			step("marker")
-			_, werr = io.WriteString(st, cfg.ExitMarker(code))
+		switch {
+		case cfg.Ending != nil:
+			step("ending")
+			e := Ending{Reason: reason, Code: code, Signal: sig, CoreDumped: p.CoreDumped()}
+			if reason != ReasonExited {
+				e.Notice = notice(reason, cfg)
+			}
+			werr = cfg.Ending(e)
+		default:
+			if reason != ReasonExited {
+				step("notice")
+				_, werr = io.WriteString(st, "\r\nattach-agent: session ended: "+notice(reason, cfg)+"\r\n")
+			}
+			if werr == nil && cfg.ExitMarker != nil {
+				step("marker")
+				_, werr = io.WriteString(st, cfg.ExitMarker(code))
+			}
 		}
 		if werr == nil {
 			step("close_notify")
@@ -657,10 +713,14 @@ func (s *session) input() error {
 				return errors.New("stream -> pty: no progress: repeated empty reads")
 			}
 		case err == nil:
+		case errors.Is(err, ErrEndOfInput):
+			closeInput() // and read on: the client's hang-up or end is still to come
+		case errors.Is(err, ErrHangUp):
+			return ErrHangUp
 		case errors.Is(err, io.EOF) && !s.halfCloseIsEOF():
 			// What it sent before is the process's already; its end is
 			// a hang-up (the Heroku CLI's Ctrl-C), not end of input.
-			return errHangUp
+			return ErrHangUp
 		case errors.Is(err, io.EOF):
 			closeInput()
 			return nil
@@ -668,6 +728,30 @@ func (s *session) input() error {
 			return nil // linger over, or we closed the stream: not the client's doing
 		default:
 			return fmt.Errorf("stream -> pty: %w", err)
+		}
+	}
+}
+
+// copyStderr copies the process's own stderr (Spec.SeparateStderr) to
+// cfg.Stderr until its end, or the drain bound after the exit.
+func (s *session) copyStderr() error {
+	buf := make([]byte, BufSize)
+	for {
+		n, err := s.p.stderr.Read(buf)
+		if n > 0 {
+			s.touch()
+			if s.exited.Load() {
+				s.extendDrain()
+			}
+			_ = s.s.SetWriteDeadline(time.Now().Add(s.cfg.StallTimeout))
+			w, werr := s.cfg.Stderr.Write(buf[:n])
+			s.bytesOut.Add(int64(w))
+			if werr != nil {
+				return &streamWriteError{werr}
+			}
+		}
+		if err != nil {
+			return nil // EOF, the drain bound, or our close
 		}
 	}
 }

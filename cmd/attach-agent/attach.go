@@ -251,7 +251,8 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 
 	secret := make([]byte, 16)
 	_, _ = rand.Read(secret)
-	u := tlsdial.URL{Host: "127.0.0.1", Port: relay.Addr().(*net.TCPAddr).Port, Secret: hex.EncodeToString(secret)}
+	// Protocol v2: stderr apart, the window size followed, the status in band.
+	u := tlsdial.URL{Host: "127.0.0.1", Port: relay.Addr().(*net.TCPAddr).Port, Secret: hex.EncodeToString(secret), V2: true}
 	dial := tlsdial.Config{TLS: clientTLSFor(relay), DialTimeout: 10 * time.Second, PairTimeout: 10 * time.Second}
 	fmt.Fprintf(io.err, "attach-agent demo: relay on %s (TLS, throwaway CA); running %s; exit or Ctrl-D ends it\r\n",
 		relay.Addr(), strings.Join(pspec.Argv, " "))
@@ -267,26 +268,19 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 		done <- res
 	}()
 
-	restore := rawTerminal(io)
-	// As connect does: 0x04 at the end of stdin, except for the modes that
-	// take a half-close as end of input.
-	halfClose := sf.raw || sf.noTTY && sf.keepEOFByte
-	cl := &rendezvous.Client{URL: u, Dial: dial, EOFByte: !halfClose, Stdin: io.in, Stdout: io.out}
-	cres, cerr := cl.Run(ctx)
-	restore()
+	// The client is connect's own (v2: the end of input in band).
+	code, cerr := runClient(ctx, u, dial, io, false)
 	if cerr != nil {
 		cancel()
 	}
 	res := <-done
 	switch {
-	case res.Reason != ptyio.ReasonExited:
+	case res.Reason != ptyio.ReasonExited && res.Reason != ptyio.ReasonClientGone:
 		return attachExit(res, io)
 	case cerr != nil:
-		return exitFailure, cerr
-	case cres.Found:
-		return cres.Status, nil
+		return code, cerr
 	}
-	return res.ExitCode, nil
+	return code, nil
 }
 
 func clientTLSFor(r *rendezvous.Relay) *tls.Config {

@@ -29,6 +29,7 @@ const (
 	exitFailure  = 1
 	exitUsage    = 2
 	exitAgentErr = 125
+	exitLinkLost = 255 // connect: a v2 session's link ended before its status came
 )
 
 // usageError is a bad flag or argument: exit 2 with its message.

@@ -3,14 +3,18 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"golang.org/x/term"
 
+	"github.com/attach-agent/attach-agent/attach"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -174,20 +178,69 @@ func runConnect(ctx context.Context, args []string, io stdio) (int, error) {
 	if err != nil {
 		return exitUsage, err
 	}
-	restore := rawTerminal(io)
-	defer restore()
-	// As the Heroku CLI: 0x04 at the end of stdin, then the stream stays
-	// open for the output; closing it would hang the session up.
-	cl := &rendezvous.Client{URL: u, Dial: cfg, EOFByte: !binary, Stdin: io.in, Stdout: io.out}
-	res, err := cl.Run(ctx)
-	restore()
+	return runClient(ctx, u, cfg, io, binary)
+}
+
+// runClient is connect's client (and demo's): the session through the
+// attach package, this terminal raw, its window size sent at the start
+// and on SIGWINCH (v2), stderr frames to stderr (v2), and the remote
+// status as the exit code: 128+N for a signal; 255, with the reason, for
+// a v2 link lost. Over the Heroku wire: 0x04 at the end of stdin (a
+// half-close with halfClose), the status from the marker, else 0.
+func runClient(ctx context.Context, u tlsdial.URL, dial tlsdial.Config, io stdio, halfClose bool) (int, error) {
+	cfg := attach.Config{Dial: dial, HalfCloseAtEOF: halfClose}
+	tty, isTerm := io.in.(*os.File)
+	isTerm = isTerm && term.IsTerminal(int(tty.Fd()))
+	if isTerm {
+		if cols, rows, err := term.GetSize(int(tty.Fd())); err == nil && cols > 0 && rows > 0 {
+			cfg.Cols, cfg.Rows = uint16(min(cols, 65535)), uint16(min(rows, 65535))
+		}
+	}
+	s, err := attach.DialURL(ctx, u, cfg)
 	if err != nil {
 		return exitFailure, err
 	}
-	if res.Found {
-		return res.Status, nil
+	defer s.Close()
+	restore := rawTerminal(io)
+	defer restore()
+	s.Stdin, s.Stdout, s.Stderr = io.in, io.out, io.err
+	if err := s.Start(); err != nil {
+		return exitFailure, err
 	}
-	return exitOK, nil
+	if s.V2() && isTerm {
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, syscall.SIGWINCH)
+		defer signal.Stop(winch)
+		go func() {
+			for range winch {
+				if cols, rows, err := term.GetSize(int(tty.Fd())); err == nil {
+					_ = s.Resize(cols, rows) // best effort: the session may be ending
+				}
+			}
+		}()
+	}
+	stop := context.AfterFunc(ctx, func() { _ = s.Close() })
+	defer stop()
+	err = s.Wait()
+	restore()
+	var ee *attach.ExitError
+	var le *attach.LinkError
+	switch {
+	case err == nil:
+		return exitOK, nil
+	case errors.As(err, &ee):
+		if ee.Reason != "" && ee.Reason != "exited" {
+			fmt.Fprintf(io.err, "attach-agent connect: session ended: %s: %s\n", ee.Reason, ee.Message)
+		}
+		return ee.Code, nil
+	case errors.Is(err, attach.ErrNoStatus):
+		return exitOK, nil // the Heroku wire without the marker, as the Heroku CLI
+	case errors.As(err, &le) && s.V2():
+		return exitLinkLost, err
+	case ctx.Err() != nil:
+		return exitFailure, context.Cause(ctx)
+	}
+	return exitFailure, err
 }
 
 // rawTerminal puts stdin in raw mode when it is a terminal, so keystrokes
