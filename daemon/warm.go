@@ -1,33 +1,30 @@
 package daemon
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"io"
 	"math/big"
 	"net"
+	"os/exec"
 	"time"
-
-	"github.com/attach-agent/attach-agent/container"
-	"github.com/attach-agent/attach-agent/ptyio"
 )
 
 // warmUp runs, in a spare worker waiting for its order, what a session's
-// start runs first in a fresh process, so that its code is paged in, its
-// crypto tables built and its threads started before a client waits on
-// them: a whole session in miniature, on loopback: a TLS connection (the
-// certificate verified as a relay's is), the host session's groups, a pty
-// and a process started in it (this binary, which exits at once), the pump
-// and its drain. Bounded (2 s) and best effort: a failure only leaves the
-// worker cold.
+// start runs first in a fresh process: a TLS handshake (client and server
+// over an in-memory pipe, the certificate verified as a relay's is), so that
+// the code is paged in and the crypto tables are built before a client
+// waits on them; then a process start, as the command's will be. Best
+// effort: a failure only leaves the worker cold.
 func warmUp(client *tls.Config) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
+	defer func() {
+		cmd := exec.Command("/proc/self/exe", warmArg) // this binary, which exits at once (Main)
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, nil, nil
+		_ = cmd.Run()
+	}()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return
@@ -52,47 +49,15 @@ func warmUp(client *tls.Config) {
 	if client != nil {
 		cc.CurvePreferences, cc.MinVersion = client.CurvePreferences, max(client.MinVersion, tls.VersionTLS12)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return
-	}
-	defer ln.Close()
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-		_, _ = io.Copy(io.Discard, tls.Server(c, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}))
-	}()
-	defer func() { _ = ln.Close(); <-served }()
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", ln.Addr().String())
-	if err != nil {
-		return
-	}
-	conn := tls.Client(raw, cc)
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
-	if conn.HandshakeContext(ctx) != nil {
-		return
-	}
-	ps := ptyio.Spec{Argv: []string{"/proc/self/exe", warmArg}, TTY: true, Raw: true}
-	release, err := container.Apply(ctx, container.Spec{}, "", &ps, time.Second)
-	if err != nil {
-		return
-	}
-	defer func() { _ = release() }()
-	if ps.Terminal, err = ptyio.OpenTerminal(ps); err != nil {
-		return
-	}
-	p, err := ptyio.Start(ps)
-	if err != nil {
-		ps.Terminal.Close()
-		return
-	}
-	ptyio.Run(ctx, conn, p, ptyio.Config{Linger: 100 * time.Millisecond, DrainTimeout: 500 * time.Millisecond})
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	_ = a.SetDeadline(deadline)
+	_ = b.SetDeadline(deadline)
+	srv := tls.Server(b, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Handshake() }()
+	_ = tls.Client(a, cc).Handshake()
+	<-done
 }
