@@ -19,7 +19,6 @@ import (
 // version apart still understand what both know.
 //
 //	daemon -> worker  {"type":"setup","config":{...}}        first, at the worker's start (pair only)
-//	worker -> daemon  {"type":"ready"}                       a spare is warm (setup with "warm")
 //	daemon -> worker  {"type":"order","order":{...}}         a session to run (pair only; the secret is in it)
 //	worker -> daemon  {"type":"accepted","record":{...}}     the record is written, the session runs
 //	worker -> daemon  {"type":"refused","error":"..."}       it does not, and the worker exits

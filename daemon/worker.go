@@ -118,13 +118,8 @@ func runWorker() int {
 		dial.TLS, tlsErr = tlsdial.LoadTLS(cfg.CA, cfg.Cert, cfg.Key)
 	}
 
-	if m.Warm {
-		if tlsErr == nil && !dial.Plain {
-			warmUp(dial.TLS)
-		}
-		if err := daemonLink.send(message{Type: "ready"}); err != nil {
-			return 0
-		}
+	if m.Warm && tlsErr == nil && !dial.Plain {
+		warmUp(dial.TLS)
 	}
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).
