@@ -83,7 +83,11 @@ func (d *daemon) stop() {
 
 // post starts a session for u running command in a raw pty.
 func (d *daemon) post(u tlsdial.URL, command string) (map[string]any, error) {
-	body := fmt.Sprintf(`{"attach_url": "rendezvous://%s/%s", "command": %q, "raw": true}`, u.Addr(), u.Secret, command)
+	frag := ""
+	if u.V2 {
+		frag = "#v2"
+	}
+	body := fmt.Sprintf(`{"attach_url": "rendezvous://%s/%s%s", "command": %q, "raw": true}`, u.Addr(), u.Secret, frag, command)
 	resp, err := d.hc.Post("http://agent/v1/sessions", "application/json", strings.NewReader(body))
 	if err != nil {
 		return nil, err

@@ -6,6 +6,7 @@
 //	go run ./bench -download 64    # smaller download (MiB)
 //	go run ./bench -rounds 5       # more rounds of download and echo-bulk
 //	go run ./bench -serve OLD,NEW  # two attach-agent binaries' serve, compared
+//	go run ./bench -v2 BIN         # protocol v2 against the Heroku wire, one serve
 //
 // The agents run as child processes (this binary re-executed), so their
 // CPU time and peak RSS are theirs alone; the relay and the client run here.
@@ -58,6 +59,7 @@ func main() {
 	only := flag.String("only", "download,echo,latency,setup,nagle", "the tests to run, comma-separated (download includes cost); with -serve: setup, download, echo, latency, pss")
 	serve := flag.String("serve", "", "`BEFORE,AFTER`: two attach-agent binaries whose `serve` is compared, driven through the control API (sessions through each daemon, alternating)")
 	idle := flag.Int("idle", 200, "idle sessions in the pss test")
+	v2 := flag.String("v2", "", "an attach-agent `BINARY`: compare protocol v2 with the Heroku wire through its serve (download, echo, latency)")
 	flag.Parse()
 	if *rounds < 1 {
 		fmt.Fprintln(os.Stderr, "bench: -rounds must be at least 1")
@@ -74,7 +76,9 @@ func main() {
 		}
 	}
 	var err error
-	if *serve != "" {
+	if *v2 != "" {
+		err = benchV2(*v2, tests, *downloadMiB, *echoMiB, *trips, *rounds)
+	} else if *serve != "" {
 		err = benchServe(strings.Split(*serve, ","), tests, *setups, *downloadMiB, *echoMiB, *trips, *rounds, *idle)
 	} else {
 		err = bench(tests, *downloadMiB, *echoMiB, *trips, *setups, *rounds)
