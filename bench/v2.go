@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/attach"
+	"github.com/attach-agent/attach-agent/wire"
 )
 
 // v2Session starts command through d over protocol v2 and returns the
@@ -30,7 +31,6 @@ type counter struct {
 	n, want int64
 	h       hash.Hash
 	full    chan struct{}
-	each    chan struct{}
 }
 
 func (c *counter) Write(p []byte) (int, error) {
@@ -38,11 +38,6 @@ func (c *counter) Write(p []byte) (int, error) {
 		c.h.Write(p)
 	}
 	c.n += int64(len(p))
-	if c.each != nil {
-		for range p {
-			c.each <- struct{}{}
-		}
-	}
 	if c.full != nil && c.n >= c.want {
 		close(c.full)
 		c.full = nil
@@ -98,29 +93,39 @@ func (e *env) v2Echo(d *daemon, size int64) (float64, error) {
 	return float64(size) / (1 << 20) / el.Seconds(), nil
 }
 
+// v2Latency is latency's round trip over v2 frames, with the client as
+// lean as the Heroku-wire one: frames written and read on the connection
+// itself.
 func (e *env) v2Latency(d *daemon, trips int) (p50, p99 time.Duration, err error) {
-	s, err := e.v2Session(d, "cat")
+	u := e.url()
+	u.V2 = true
+	if _, err := d.post(u, "cat"); err != nil {
+		return 0, 0, err
+	}
+	c, err := e.client(u)
 	if err != nil {
 		return 0, 0, err
 	}
-	defer s.Close()
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	c := &counter{each: make(chan struct{}, 16)}
-	s.Stdin, s.Stdout = pr, c
-	if err := s.Start(); err != nil {
-		return 0, 0, err
-	}
+	defer c.Close()
+	fr := wire.NewFrameReader(c)
+	frame := wire.AppendFrame(nil, wire.FrameStdin, []byte{'x'})
 	lat := make([]time.Duration, 0, trips)
 	for range trips {
 		t0 := time.Now()
-		if _, err := pw.Write([]byte{'x'}); err != nil {
+		if _, err := c.Write(frame); err != nil {
 			return 0, 0, err
 		}
-		select {
-		case <-c.each:
-		case <-time.After(10 * time.Second):
-			return 0, 0, fmt.Errorf("v2 latency: no echo")
+		for got := false; !got; {
+			t, p, err := fr.Next()
+			if err != nil {
+				return 0, 0, err
+			}
+			switch t {
+			case wire.FrameStdout:
+				got = len(p) > 0
+			case wire.FramePing:
+				_, _ = c.Write(wire.AppendFrame(nil, wire.FramePong, p))
+			}
 		}
 		lat = append(lat, time.Since(t0))
 	}
