@@ -36,11 +36,10 @@ type v2Stream struct {
 	pending []byte
 	ended   bool // stdin's EOF frame came
 
-	heard     atomic.Int64 // unix nanoseconds of the last frame from the client
-	dead      atomic.Bool  // the peer timeout passed
-	peerAfter time.Duration
-	stop      chan struct{}
-	stopOnce  sync.Once
+	ka       *wire.Keepalive
+	dead     atomic.Bool // the peer timeout passed
+	stop     chan struct{}
+	stopOnce sync.Once
 }
 
 func newV2Stream(c *tlsdial.Conn, keepalive, peerTimeout time.Duration) *v2Stream {
@@ -50,9 +49,13 @@ func newV2Stream(c *tlsdial.Conn, keepalive, peerTimeout time.Duration) *v2Strea
 	if peerTimeout == 0 {
 		peerTimeout = DefaultPeerTimeout
 	}
-	s := &v2Stream{Conn: c, fr: wire.NewFrameReader(c.Conn), fw: &wire.FrameWriter{W: c}, peerAfter: peerTimeout, stop: make(chan struct{})}
-	s.heard.Store(time.Now().UnixNano())
-	go s.keepalive(keepalive)
+	s := &v2Stream{Conn: c, fr: wire.NewFrameReader(c.Conn), fw: &wire.FrameWriter{W: c}, stop: make(chan struct{}),
+		ka: &wire.Keepalive{Every: keepalive, PeerTimeout: peerTimeout}}
+	s.ka.Heard()
+	go s.ka.Run(func() { _ = s.fw.Write(wire.FramePing, nil) }, func() {
+		s.dead.Store(true)
+		_ = s.Conn.SetReadDeadline(time.Now()) // the input side ends with errPeerDead
+	}, s.stop)
 	return s
 }
 
@@ -69,14 +72,14 @@ func (s *v2Stream) Read(p []byte) (int, error) {
 		t, payload, err := s.fr.Next()
 		if err != nil {
 			if s.dead.Load() {
-				return 0, fmt.Errorf("%w (%v)", errPeerDead, s.peerAfter)
+				return 0, fmt.Errorf("%w (%v)", errPeerDead, s.ka.PeerTimeout)
 			}
 			if errors.Is(err, io.EOF) {
 				return 0, ptyio.ErrHangUp // the stream's end without a hang-up frame: gone all the same
 			}
 			return 0, err
 		}
-		s.heard.Store(time.Now().UnixNano())
+		s.ka.Heard()
 		switch t {
 		case wire.FrameStdin:
 			if s.ended {
@@ -150,37 +153,6 @@ func exitOf(code int, sig syscall.Signal, core bool) wire.Exit {
 		return wire.Exit{Code: 128 + int(sig), Signal: int(sig), CoreDumped: core}
 	}
 	return wire.Exit{Code: code}
-}
-
-// keepalive pings the client and ends a link it has not been heard on
-// for the peer timeout (a negative bound: never).
-func (s *v2Stream) keepalive(every time.Duration) {
-	tick := every
-	if s.peerAfter > 0 && (tick <= 0 || s.peerAfter/3 < tick) {
-		tick = s.peerAfter / 3
-	}
-	if tick <= 0 {
-		return
-	}
-	t := time.NewTicker(tick)
-	defer t.Stop()
-	last := time.Now()
-	for {
-		select {
-		case <-s.stop:
-			return
-		case now := <-t.C:
-			if s.peerAfter > 0 && now.Sub(time.Unix(0, s.heard.Load())) > s.peerAfter {
-				s.dead.Store(true)
-				_ = s.Conn.SetReadDeadline(time.Now()) // the input side ends with errPeerDead
-				return
-			}
-			if every > 0 && now.Sub(last) >= every {
-				last = now
-				_ = s.fw.Write(wire.FramePing, nil)
-			}
-		}
-	}
 }
 
 // tellClientV2 is tellClient for v2: the reason and the exit as frames.

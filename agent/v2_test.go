@@ -7,12 +7,12 @@ import (
 	"errors"
 	"io"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/attach"
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/tlsdial"
 	"github.com/attach-agent/attach-agent/wire"
@@ -34,23 +34,6 @@ func (h *harness) v2(t *testing.T, spec agent.Spec, cfg attach.Config) (*attach.
 	return s, res
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // stdout and stderr apart, the exit status with no marker, a signal.
 func TestV2StreamsAndStatus(t *testing.T) {
 	h := newHarness(t, nil)
@@ -63,7 +46,7 @@ func TestV2StreamsAndStatus(t *testing.T) {
 		{"echo fine", "fine\n", "", 0, 0},
 	} {
 		s, res := h.v2(t, agent.Spec{Process: ptyio.Spec{Argv: sh(tc.script)}}, attach.Config{})
-		var out, errOut syncBuffer
+		var out, errOut proctest.Buffer
 		s.Stdout, s.Stderr = &out, &errOut
 		if err := s.Start(); err != nil {
 			t.Fatal(err)
@@ -91,7 +74,7 @@ func TestV2StreamsAndStatus(t *testing.T) {
 func TestV2EndOfInputAndBinary(t *testing.T) {
 	h := newHarness(t, nil)
 	s, res := h.v2(t, agent.Spec{Process: ptyio.Spec{Argv: sh("cat; echo after the end")}}, attach.Config{})
-	var out syncBuffer
+	var out proctest.Buffer
 	s.Stdin, s.Stdout = strings.NewReader("data\x04\xff"), &out
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
@@ -137,16 +120,19 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// A resize reaches the pty: stty inside sees the new size.
+// The size at the start and a resize reach the pty: stty inside sees each
+// (each read after a line the client sends behind the frame, so the
+// order is the wire's).
 func TestV2Resize(t *testing.T) {
 	h := newHarness(t, nil)
-	s, res := h.v2(t, agent.Spec{Process: ptyio.Spec{Argv: sh("stty size; read x; stty size"), TTY: true}}, attach.Config{Cols: 120, Rows: 30})
+	s, res := h.v2(t, agent.Spec{Process: ptyio.Spec{Argv: sh("read x; stty size; read y; stty size"), TTY: true}}, attach.Config{Cols: 120, Rows: 30})
 	pr, pw := io.Pipe()
-	var out syncBuffer
+	var out proctest.Buffer
 	s.Stdin, s.Stdout = pr, &out
-	if err := s.Start(); err != nil {
+	if err := s.Start(); err != nil { // the size at the start goes before any input
 		t.Fatal(err)
 	}
+	_, _ = io.WriteString(pw, "\n")
 	waitFor(t, func() bool { return strings.Contains(out.String(), "30 120") })
 	if err := s.Resize(90, 20); err != nil {
 		t.Fatal(err)
@@ -166,7 +152,7 @@ func TestV2Hangup(t *testing.T) {
 	s, res := h.v2(t, agent.Spec{Process: ptyio.Spec{Argv: sh("trap 'echo hung up; exit 7' HUP; echo ready; while :; do sleep 0.05; done")}}, attach.Config{})
 	pr, pw := io.Pipe()
 	defer pw.Close()
-	var out syncBuffer
+	var out proctest.Buffer
 	s.Stdin, s.Stdout = pr, &out
 	if err := s.Start(); err != nil {
 		t.Fatal(err)

@@ -29,7 +29,6 @@ import (
 	"io"
 	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -74,7 +73,7 @@ type Session struct {
 
 	started   bool
 	stdinOnce sync.Once
-	heard     atomic.Int64 // unix nanoseconds of the last frame from the agent
+	ka        *wire.Keepalive
 	done      chan struct{}
 	err       error // Wait's, set before done closes
 	closeOnce sync.Once
@@ -169,8 +168,18 @@ func (s *Session) Start() error {
 				return err
 			}
 		}
-		s.heard.Store(time.Now().UnixNano())
-		go s.keepalive()
+		every, dead := s.cfg.Keepalive, s.cfg.PeerTimeout
+		if every == 0 {
+			every = DefaultKeepalive
+		}
+		if dead == 0 {
+			dead = DefaultPeerTimeout
+		}
+		s.ka = &wire.Keepalive{Every: every, PeerTimeout: dead}
+		s.ka.Heard()
+		go s.ka.Run(func() { _ = s.fw.Write(wire.FramePing, nil) }, func() {
+			_ = s.conn.SetReadDeadline(time.Now()) // readV2 ends with the LinkError
+		}, s.done)
 		go s.readV2()
 	} else {
 		go s.readV1()
@@ -317,7 +326,7 @@ func (s *Session) readV2() {
 			}
 			return
 		}
-		s.heard.Store(time.Now().UnixNano())
+		s.ka.Heard()
 		var werr error
 		switch t {
 		case wire.FrameStdout:
@@ -343,56 +352,10 @@ func (s *Session) readV2() {
 	}
 }
 
-func (s *Session) keepaliveBounds() (every, dead time.Duration) {
-	every, dead = s.cfg.Keepalive, s.cfg.PeerTimeout
-	if every == 0 {
-		every = DefaultKeepalive
-	}
-	if dead == 0 {
-		dead = DefaultPeerTimeout
-	}
-	return every, dead
-}
-
-// keepalive pings the agent, and ends the link when nothing was heard
-// for the peer timeout.
-func (s *Session) keepalive() {
-	every, dead := s.keepaliveBounds()
-	tick := every
-	if tick < 0 || dead > 0 && dead/3 < tick {
-		tick = dead / 3
-	}
-	if tick <= 0 {
-		return
-	}
-	t := time.NewTicker(tick)
-	defer t.Stop()
-	last := time.Now()
-	for {
-		select {
-		case <-s.done:
-			return
-		case now := <-t.C:
-			if s.peerDead() != nil {
-				_ = s.conn.SetReadDeadline(time.Now()) // readV2 ends with the LinkError
-				return
-			}
-			if every > 0 && now.Sub(last) >= every {
-				last = now
-				_ = s.fw.Write(wire.FramePing, nil)
-			}
-		}
-	}
-}
-
 // peerDead is the error for an agent not heard for the peer timeout.
 func (s *Session) peerDead() error {
-	_, dead := s.keepaliveBounds()
-	if dead < 0 {
-		return nil
-	}
-	if quiet := time.Since(time.Unix(0, s.heard.Load())); quiet > dead {
-		return fmt.Errorf("nothing heard from the agent for %v (peer timeout %v)", quiet.Round(time.Second), dead)
+	if quiet, dead := s.ka.Quiet(); dead {
+		return fmt.Errorf("nothing heard from the agent for %v (peer timeout %v)", quiet.Round(time.Millisecond), s.ka.PeerTimeout)
 	}
 	return nil
 }

@@ -107,32 +107,18 @@ func (d *daemon) post(u tlsdial.URL, command string) (map[string]any, error) {
 // byte at a client already waiting at the relay.
 func (e *env) daemonSetup(d *daemon) (time.Duration, error) {
 	u := e.url()
-	cc := make(chan *tlsdial.Conn, 1)
-	ce := make(chan error, 1)
-	go func() {
-		c, err := e.client(u)
-		if err != nil {
-			ce <- err
-			return
-		}
-		cc <- c
-	}()
-	for e.relay.Waiting() == 0 {
-		time.Sleep(time.Millisecond)
-	}
+	paired := e.waitingClient(u)
 	t0 := time.Now()
 	if _, err := d.post(u, "echo x"); err != nil {
 		return 0, err
 	}
-	var c *tlsdial.Conn
-	select {
-	case c = <-cc:
-	case err := <-ce:
+	c, err := paired()
+	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
 	b := make([]byte, 1)
-	_, err := io.ReadFull(c, b)
+	_, err = io.ReadFull(c, b)
 	return time.Since(t0), err
 }
 

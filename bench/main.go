@@ -19,6 +19,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -374,6 +375,40 @@ func (e *env) startAgent(mode string, u tlsdial.URL, command string) (*exec.Cmd,
 	return cmd, cmd.Start()
 }
 
+// waitingClient starts a client for u and returns once it waits at the
+// relay; paired then gives its connection once the agent's side came.
+func (e *env) waitingClient(u tlsdial.URL) (paired func() (*tlsdial.Conn, error)) {
+	cc := make(chan *tlsdial.Conn, 1)
+	ce := make(chan error, 1)
+	before := e.relay.Waiting()
+	go func() {
+		c, err := e.client(u)
+		if err != nil {
+			ce <- err
+			return
+		}
+		cc <- c
+	}()
+	for deadline := time.Now().Add(10 * time.Second); e.relay.Waiting() <= before; time.Sleep(time.Millisecond) {
+		select {
+		case err := <-ce:
+			return func() (*tlsdial.Conn, error) { return nil, err }
+		default:
+		}
+		if time.Now().After(deadline) {
+			return func() (*tlsdial.Conn, error) { return nil, errors.New("the client never waited at the relay") }
+		}
+	}
+	return func() (*tlsdial.Conn, error) {
+		select {
+		case c := <-cc:
+			return c, nil
+		case err := <-ce:
+			return nil, err
+		}
+	}
+}
+
 // client pairs as the user's side.
 func (e *env) client(u tlsdial.URL) (*tlsdial.Conn, error) {
 	c, err := tlsdial.Dial(context.Background(), u, e.dial)
@@ -488,29 +523,14 @@ func (e *env) latency(mode string, trips int) (p50, p99 time.Duration, err error
 // byte at a client already waiting at the relay.
 func (e *env) setup(mode string) (time.Duration, error) {
 	u := e.url()
-	// The client is already waiting at the relay when the agent starts.
-	cc := make(chan *tlsdial.Conn, 1)
-	ce := make(chan error, 1)
-	go func() {
-		c, err := e.client(u)
-		if err != nil {
-			ce <- err
-			return
-		}
-		cc <- c
-	}()
-	for e.relay.Waiting() == 0 {
-		time.Sleep(time.Millisecond)
-	}
+	paired := e.waitingClient(u)
 	t0 := time.Now()
 	cmd, err := e.startAgent(mode, u, "echo x")
 	if err != nil {
 		return 0, err
 	}
-	var c *tlsdial.Conn
-	select {
-	case c = <-cc:
-	case err := <-ce:
+	c, err := paired()
+	if err != nil {
 		return 0, err
 	}
 	b := make([]byte, 1)

@@ -1,7 +1,6 @@
 package daemon_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,6 +20,7 @@ import (
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/daemon"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -42,25 +41,8 @@ type testDaemon struct {
 	metrics *daemon.Metrics
 	srv     *httptest.Server
 	client  *http.Client
-	logs    *syncBuffer // the daemon's (JSON)
-	stderr  *os.File    // the workers' (JSON)
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	logs    *proctest.Buffer // the daemon's (JSON)
+	stderr  *os.File         // the workers' (JSON)
 }
 
 // testConfig is DefaultConfig for a relay on loopback, with a state
@@ -92,7 +74,7 @@ func newDaemon(t *testing.T, edit func(*daemon.Config)) *testDaemon {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	d := &testDaemon{env: env, cfg: cfg, reg: prometheus.NewRegistry(), logs: &syncBuffer{}, stderr: cfg.Stderr.(*os.File)}
+	d := &testDaemon{env: env, cfg: cfg, reg: prometheus.NewRegistry(), logs: &proctest.Buffer{}, stderr: cfg.Stderr.(*os.File)}
 	d.metrics = daemon.NewMetrics(d.reg)
 	mgr, err := daemon.NewManager(cfg, slog.New(slog.NewJSONHandler(d.logs, nil)), d.metrics)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -90,7 +91,7 @@ func TestServeRealJournald(t *testing.T) {
 	// serve joins journald's mount namespace, where the journal socket is.
 	cmd := exec.Command("nsenter", "--target", fmt.Sprint(journald), "--mount", "--",
 		bin, "serve", "--log-format", "journald", "--ca", relay.CAFile(t), "--control", control, "--metrics-listen", "", "--state-dir", filepath.Join(t.TempDir(), "state"))
-	var stderr syncBuf
+	var stderr proctest.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -22,6 +22,7 @@ import (
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/daemon"
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/internal/testroot"
 	"github.com/attach-agent/attach-agent/rendezvous"
@@ -34,25 +35,8 @@ func TestMain(m *testing.M) {
 	leakcheck.Main(m)
 }
 
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func runCLI(args ...string) (int, string, string) {
-	var out, errb syncBuf
+	var out, errb proctest.Buffer
 	code := run(context.Background(), args, stdio{strings.NewReader(""), &out, &errb})
 	return code, out.String(), errb.String()
 }
@@ -265,7 +249,7 @@ func TestAttachAgentFailuresExit125(t *testing.T) {
 // static busybox as the root's only program.
 func TestDemoInASandbox(t *testing.T) {
 	root := testroot.Root(t)
-	var out, errb syncBuf
+	var out, errb proctest.Buffer
 	code := run(context.Background(), []string{"demo", "--no-tty", "--rootfs", root, "--hostname", "demo-box", "--limit-pids", "64", "--",
 		"/bin/sh", "-c", "cat; hostname; cat /proc/1/cmdline; exit 4"},
 		stdio{strings.NewReader("in the box\n"), &out, &errb})
@@ -275,7 +259,7 @@ func TestDemoInASandbox(t *testing.T) {
 }
 
 func TestDemoRunsACommand(t *testing.T) {
-	var out, errb syncBuf
+	var out, errb proctest.Buffer
 	code := run(context.Background(), []string{"demo", "--no-tty", "--", "sh", "-c", "cat; echo bye; exit 5"},
 		stdio{strings.NewReader("through the relay\n"), &out, &errb})
 	if code != 5 || out.String() != "through the relay\nbye\n" {
@@ -437,7 +421,7 @@ func TestSecretInNoCommandLine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var attachErr, connectErr syncBuf
+	var attachErr, connectErr proctest.Buffer
 	attach.Stderr, connect.Stderr = &attachErr, &connectErr
 	for _, c := range []*exec.Cmd{attach, connect} {
 		if err := c.Start(); err != nil {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -39,7 +40,7 @@ func TestServe(t *testing.T) {
 	control := filepath.Join(dir, "run", "control.sock")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stderr syncBuf
+	var stderr proctest.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, []string{"serve", "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"),
@@ -209,7 +210,7 @@ func TestServeSocketActivation(t *testing.T) {
 	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve --metrics-listen "" --control "$1"`,
 		bin, filepath.Join(dir, "unused", "control.sock"))
 	cmd.ExtraFiles = []*os.File{f}
-	var stderr syncBuf
+	var stderr proctest.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

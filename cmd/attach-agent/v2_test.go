@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 )
 
@@ -32,7 +33,7 @@ func TestConnectV2(t *testing.T) {
 		url := "rendezvous://" + relay.URL(secret).Addr() + "/" + secret + "#v2"
 		agent := exec.Command(bin, "attach", "--ca", ca, "--no-tty", "--", "/bin/sh", "-c", tc.script)
 		agent.Env = append(os.Environ(), "ATTACH_URL="+url)
-		var agentErr syncBuf
+		var agentErr proctest.Buffer
 		agent.Stderr = &agentErr
 		if err := agent.Start(); err != nil {
 			t.Fatal(err)

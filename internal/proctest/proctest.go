@@ -4,11 +4,13 @@
 package proctest
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -72,4 +74,23 @@ func ReadUntil(t testing.TB, c io.Reader, s string) string {
 		got = append(got, buf[:n]...)
 	}
 	return string(got)
+}
+
+// Buffer is a bytes.Buffer safe for one writer and readers at once: a
+// process's or stream's output, read while it comes.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *Buffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *Buffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
