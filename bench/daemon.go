@@ -172,20 +172,7 @@ func (e *env) daemonLatency(d *daemon, trips int) (p50, p99 time.Duration, err e
 		return 0, 0, err
 	}
 	defer c.Close()
-	lat := make([]time.Duration, 0, trips)
-	b := []byte{'x'}
-	for range trips {
-		t0 := time.Now()
-		if _, err := c.Write(b); err != nil {
-			return 0, 0, err
-		}
-		if _, err := io.ReadFull(c, b); err != nil {
-			return 0, 0, err
-		}
-		lat = append(lat, time.Since(t0))
-	}
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	return lat[len(lat)/2], lat[len(lat)*99/100], nil
+	return roundTrips(c, trips)
 }
 
 // pss is a process's proportional set size in KiB (shared pages divided

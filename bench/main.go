@@ -503,6 +503,12 @@ func (e *env) latency(mode string, trips int) (p50, p99 time.Duration, err error
 		return 0, 0, err
 	}
 	defer c.Close()
+	return roundTrips(c, trips)
+}
+
+// roundTrips times trips one-byte round trips on c (an echo at the other
+// end) and returns the median and the 99th percentile.
+func roundTrips(c io.ReadWriter, trips int) (p50, p99 time.Duration, err error) {
 	d := make([]time.Duration, 0, trips)
 	b := []byte{'x'}
 	for range trips {

@@ -72,6 +72,19 @@ func (p *serveProc) waitExit(t *testing.T, since time.Time) time.Duration {
 	}
 }
 
+// serveEnv is the real binary's serve (with env added to its environment)
+// on a relay of the test's own, its control socket and state directory in
+// a temporary directory, and a client of its API.
+func serveEnv(t *testing.T, env []string) (bin string, relay *relaytest.Env, control string, p *serveProc, a *api) {
+	t.Helper()
+	bin = buildAgent(t)
+	relay = relaytest.Start(t, nil)
+	dir := t.TempDir()
+	control = filepath.Join(dir, "control.sock")
+	p = startServe(t, bin, env, "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"))
+	return bin, relay, control, p, newAPI(control)
+}
+
 // api is a client of a control socket.
 type api struct {
 	hc *http.Client
@@ -313,12 +326,7 @@ func TestDrainCommand(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	bin := buildAgent(t)
-	relay := relaytest.Start(t, nil)
-	dir := t.TempDir()
-	control := filepath.Join(dir, "control.sock")
-	p := startServe(t, bin, nil, "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"))
-	a := newAPI(control)
+	bin, relay, control, p, a := serveEnv(t, nil)
 	id := a.post(t, relay, "drained-1", `["sleep", "1001"]`)
 	s := attachStream(t, relay, "drained-1")
 	id2 := a.post(t, relay, "drained-2", `"echo waiting; exec sleep 1002"`) // never paired
@@ -343,7 +351,7 @@ func TestDrainCommand(t *testing.T) {
 	if len(proctest.Sleepers("1001"))+len(proctest.Sleepers("1002")) != 0 {
 		t.Error("a drained session's command still runs")
 	}
-	if out, err := exec.Command(bin, "drain", "--control", filepath.Join(dir, "nobody.sock")).CombinedOutput(); err == nil || !strings.Contains(string(out), "is attach-agent serve running?") {
+	if out, err := exec.Command(bin, "drain", "--control", filepath.Join(t.TempDir(), "nobody.sock")).CombinedOutput(); err == nil || !strings.Contains(string(out), "is attach-agent serve running?") {
 		t.Errorf("drain with no daemon: %v %q", err, out)
 	}
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
@@ -421,12 +429,7 @@ func TestWorkerPanicIsOneSessions(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	bin := buildAgent(t)
-	relay := relaytest.Start(t, nil)
-	dir := t.TempDir()
-	control := filepath.Join(dir, "control.sock")
-	p := startServe(t, bin, []string{"ATTACH_AGENT_TEST_FAULT_LABEL=fault"}, "--ca", relay.CAFile(t), "--control", control, "--state-dir", filepath.Join(dir, "state"))
-	a := newAPI(control)
+	_, relay, _, p, a := serveEnv(t, []string{"ATTACH_AGENT_TEST_FAULT_LABEL=fault"})
 	survivor := a.post(t, relay, "panic-survivor", `"echo up; exec sleep 1004"`)
 	s := attachStream(t, relay, "panic-survivor")
 	s.until(t, "up\n")
