@@ -11,6 +11,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/journal"
 
+	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -73,6 +74,11 @@ type Config struct {
 	// SetupTimeout bounds a session's setup once paired (see
 	// agent.Spec.SetupTimeout).
 	SetupTimeout time.Duration `json:"setup_timeout"`
+	// Keepalive and PeerTimeout bound protocol v2 sessions' links (see
+	// agent.Spec): a ping every Keepalive, a client not heard for
+	// PeerTimeout is gone. Zero: the agent's defaults; negative: off.
+	Keepalive   time.Duration `json:"keepalive"`
+	PeerTimeout time.Duration `json:"peer_timeout"`
 
 	Access Access `json:"-"` // who may call the API, and what they may ask for
 
@@ -136,6 +142,8 @@ func DefaultConfig() Config {
 		KeepEndedCount: 10000,
 		DefaultPids:    container.DefaultPidsLimit(),
 		SetupTimeout:   container.DefaultSetupTimeout,
+		Keepalive:      agent.DefaultKeepalive,
+		PeerTimeout:    agent.DefaultPeerTimeout,
 		Access:         DefaultAccess(),
 		Spares:         2,
 		Version:        "dev",
@@ -181,6 +189,9 @@ func (c Config) Validate() error {
 		if d.v <= 0 {
 			return bad(d.name, "%v: want a positive duration", d.v)
 		}
+	}
+	if c.Keepalive > 0 && c.PeerTimeout > 0 && c.PeerTimeout <= c.Keepalive {
+		return bad("--peer-timeout", "%v must be longer than --keepalive (%v): a peer would be lost between two pings", c.PeerTimeout, c.Keepalive)
 	}
 	if c.ShutdownGrace < 0 {
 		return bad("--shutdown-grace", "%v: want 0 or more", c.ShutdownGrace)

@@ -142,6 +142,7 @@ func specFor(cfg Config, req Request) (agent.Spec, error) {
 	}
 	return agent.Spec{
 		URL: u, Dial: dial, Pump: pc, ExitStatusMarker: req.ExitStatusMarker, Labels: req.Labels,
+		Keepalive: cfg.Keepalive, PeerTimeout: cfg.PeerTimeout,
 		User: req.User, Container: ctr, SetupTimeout: cfg.SetupTimeout,
 		Process: ptyio.Spec{Argv: argv, Env: env, Dir: req.Dir, TTY: tty, Raw: req.Raw, Cols: uint16(req.Cols), Rows: uint16(req.Lines)},
 	}, nil

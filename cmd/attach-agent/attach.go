@@ -16,6 +16,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/attach"
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
 	"github.com/attach-agent/attach-agent/rendezvous"
@@ -269,7 +270,7 @@ func runDemo(ctx context.Context, args []string, io stdio) (int, error) {
 	}()
 
 	// The client is connect's own (v2: the end of input in band).
-	code, cerr := runClient(ctx, u, dial, io, false)
+	code, cerr := runClient(ctx, u, dial, io, attach.Config{})
 	if cerr != nil {
 		cancel()
 	}

@@ -158,6 +158,9 @@ func runConnect(ctx context.Context, args []string, io stdio) (int, error) {
 	var d dialFlags
 	d.register(fs.FlagSet)
 	var binary bool
+	var keepalive, peerTimeout time.Duration
+	fs.DurationVar(&keepalive, "keepalive", attach.DefaultKeepalive, "protocol v2 (#v2): ping the agent this often; negative: never")
+	fs.DurationVar(&peerTimeout, "peer-timeout", attach.DefaultPeerTimeout, "protocol v2: the link is lost (exit 255) when the agent is not heard this long; negative: never")
 	fs.BoolVar(&binary, "binary", false, "at the end of stdin half-close the stream instead of sending 0x04 (for sessions with --binary-input or --raw, which take a half-close as end of input)")
 	var us urlSource
 	us.register(fs)
@@ -178,7 +181,7 @@ func runConnect(ctx context.Context, args []string, io stdio) (int, error) {
 	if err != nil {
 		return exitUsage, err
 	}
-	return runClient(ctx, u, cfg, io, binary)
+	return runClient(ctx, u, cfg, io, attach.Config{HalfCloseAtEOF: binary, Keepalive: keepalive, PeerTimeout: peerTimeout})
 }
 
 // runClient is connect's client (and demo's): the session through the
@@ -186,9 +189,9 @@ func runConnect(ctx context.Context, args []string, io stdio) (int, error) {
 // and on SIGWINCH (v2), stderr frames to stderr (v2), and the remote
 // status as the exit code: 128+N for a signal; 255, with the reason, for
 // a v2 link lost. Over the Heroku wire: 0x04 at the end of stdin (a
-// half-close with halfClose), the status from the marker, else 0.
-func runClient(ctx context.Context, u tlsdial.URL, dial tlsdial.Config, io stdio, halfClose bool) (int, error) {
-	cfg := attach.Config{Dial: dial, HalfCloseAtEOF: halfClose}
+// half-close with cfg.HalfCloseAtEOF), the status from the marker, else 0.
+func runClient(ctx context.Context, u tlsdial.URL, dial tlsdial.Config, io stdio, cfg attach.Config) (int, error) {
+	cfg.Dial = dial
 	tty, isTerm := io.in.(*os.File)
 	isTerm = isTerm && term.IsTerminal(int(tty.Fd()))
 	if isTerm {

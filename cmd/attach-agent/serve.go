@@ -47,6 +47,8 @@ func runServe(ctx context.Context, args []string, io stdio) (int, error) {
 	})
 	fs.Int64Var(&cfg.DefaultPids, "limit-pids", cfg.DefaultPids, "pids limit of a host session or sandbox whose request sets none (cgroup pids); 0: none (default 4096 as root, 0 otherwise)")
 	fs.DurationVar(&cfg.SetupTimeout, "setup-timeout", cfg.SetupTimeout, "bound on a session's setup once paired (user lookup, sandbox, join); past it spawn_failed")
+	fs.DurationVar(&cfg.Keepalive, "keepalive", cfg.Keepalive, "protocol v2 sessions (#v2): ping the client this often; negative: never")
+	fs.DurationVar(&cfg.PeerTimeout, "peer-timeout", cfg.PeerTimeout, "protocol v2 sessions: a client not heard this long is gone (client_gone); negative: never")
 	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "how long running sessions may finish on a drain that names no grace, and on SIGTERM with --on-sigterm=drain (a second signal ends them at once)")
 	fs.DurationVar(&cfg.Pump.IdleTimeout, "idle-timeout", cfg.Pump.IdleTimeout, "default idle timeout of a session")
 	fs.DurationVar(&cfg.Pump.StallTimeout, "stall-timeout", cfg.Pump.StallTimeout, "a session ends when its output cannot be written this long")

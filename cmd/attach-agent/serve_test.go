@@ -155,6 +155,7 @@ func TestServeBadFlags(t *testing.T) {
 		{[]string{"serve", "--max-sessions", "0"}, "--max-sessions: 0: want 1 or more"},
 		{[]string{"serve", "--on-sigterm", "stop"}, `--on-sigterm: "stop": want handover or drain`},
 		{[]string{"serve", "--state-dir", "rel"}, `--state-dir: "rel": want an absolute path`},
+		{[]string{"serve", "--keepalive", "2s", "--peer-timeout", "1s"}, "--peer-timeout: 1s must be longer than --keepalive (2s)"},
 		{[]string{"serve", "extra"}, `unexpected argument "extra"`},
 	} {
 		code, _, stderr := runCLI(tc.args...)
