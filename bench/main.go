@@ -475,6 +475,12 @@ func (e *env) echoBulk(mode string, size int64) (float64, error) {
 		return 0, err
 	}
 	defer c.Close()
+	return echoThrough(c, size)
+}
+
+// echoThrough writes size random bytes to c (an echo at the other end)
+// while reading them back, checks them (sha256) and returns MiB/s.
+func echoThrough(c io.ReadWriter, size int64) (float64, error) {
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
 	t0 := time.Now()
