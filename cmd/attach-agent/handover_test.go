@@ -48,7 +48,22 @@ func startServe(t *testing.T, bin string, env []string, args ...string) *servePr
 		t.Fatal(err)
 	}
 	go func() { p.err = p.cmd.Wait(); close(p.exited) }()
+	control := ""
+	for i, a := range args {
+		if a == "--control" && i+1 < len(args) {
+			control = args[i+1]
+		}
+	}
 	t.Cleanup(func() {
+		// Workers outlive their daemon by design: a daemon still up ends
+		// its sessions (a drain) so that none outlives the test.
+		select {
+		case <-p.exited:
+		default:
+			if control != "" {
+				newAPI(control).do("POST", "/v1/drain", `{"grace": "0s"}`)
+			}
+		}
 		_ = p.cmd.Process.Kill() // no-op once it has exited
 		<-p.exited
 	})
