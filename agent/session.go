@@ -300,6 +300,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		v2 := newV2Stream(conn, spec.Keepalive, spec.PeerTimeout)
 		v2.resize = func(cols, rows uint16) { _ = proc.Resize(cols, rows) } // best effort: a gone pty ends the session anyway
 		st, pc.Ending, pc.Stderr, pc.EOFByte, pc.ExitMarker = v2, v2.Ending, v2.Stderr(), false, nil
+		pc.WriteOverhead = wire.HeaderLen
 	}
 	startPump := time.Since(t0)
 	pr := ptyio.Run(ctx, st, proc, pc)

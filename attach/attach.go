@@ -193,7 +193,8 @@ func (s *Session) copyStdin() {
 		_ = s.CloseStdin()
 		return
 	}
-	buf := make([]byte, 32<<10)
+	// A read and its frame header fill two whole TLS records.
+	buf := make([]byte, 32<<10-wire.HeaderLen)
 	for {
 		n, err := s.Stdin.Read(buf)
 		if n > 0 {

@@ -47,7 +47,7 @@ import (
 
 func main() {
 	container.Main() // sessions of this binary could run in sandboxes: it is their init then
-	if len(os.Args) > 1 && (os.Args[1] == "agent" || os.Args[1] == "ref") {
+	if len(os.Args) > 1 && (os.Args[1] == "agent" || os.Args[1] == "agent-v2" || os.Args[1] == "ref") {
 		code := child(os.Args[1], os.Args[2:])
 		fmt.Printf("vmhwm_kib %d cpu_ns %d\n", vmHWM(), selfCPU())
 		os.Exit(code)
@@ -69,10 +69,10 @@ func main() {
 	tests := map[string]bool{}
 	for _, t := range strings.Split(*only, ",") {
 		switch t {
-		case "download", "echo", "latency", "setup", "nagle", "pss":
+		case "download", "echo", "latency", "setup", "nagle", "pss", "v2cost":
 			tests[t] = true
 		default:
-			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup, nagle and pss, comma-separated\n", t)
+			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup, nagle, pss and v2cost, comma-separated\n", t)
 			os.Exit(2)
 		}
 	}
@@ -252,6 +252,31 @@ func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds in
 		fmt.Printf("  attach-agent                     %8.1f   %.2fx pty echo limit [%s] (target >= 0.90)\n\n",
 			med(func(r dlRound) float64 { return r.echoAgent }), med(echoVsLim), spread(echoVsLim))
 	}
+	if tests["v2cost"] {
+		// The agent's own CPU time (its rusage, not the machine's wall
+		// clock) per 256 MiB downloaded, the Heroku wire against v2 frames,
+		// alternating: framing's cost, which a busy machine's noise does
+		// not hide as it hides throughput.
+		var v1, v2, v1rate, v2rate []float64
+		for r := range rounds * 2 {
+			for k := range 2 {
+				mode := []string{"agent", "agent-v2"}[(r+k)%2]
+				dl, err := e.download(mode, dlCmd, size)
+				if err != nil {
+					return fmt.Errorf("v2cost %s: %w", mode, err)
+				}
+				if mode == "agent" {
+					v1, v1rate = append(v1, per(dl.cpu)), append(v1rate, dl.mibps)
+				} else {
+					v2, v2rate = append(v2, per(dl.cpu)), append(v2rate, dl.mibps)
+				}
+			}
+		}
+		fmt.Printf("framing cost (agent CPU s per 256 MiB downloaded into a raw pty; median of %d each, alternating)\n", len(v1))
+		fmt.Printf("  Heroku wire (v1)                 %8.3f CPU s   %6.1f MiB/s\n", median(v1), median(v1rate))
+		fmt.Printf("  protocol v2                      %8.3f CPU s   %6.1f MiB/s   CPU %.2fx v1, throughput %.2fx v1\n\n",
+			median(v2), median(v2rate), median(v2)/median(v1), median(v2rate)/median(v1rate))
+	}
 	if tests["latency"] {
 		var lat [2][2]time.Duration
 		for i, mode := range []string{"agent", "ref"} {
@@ -363,7 +388,7 @@ func (e *env) startAgent(mode string, u tlsdial.URL, command string) (*exec.Cmd,
 	}
 	// Through a link named for the agent, so that its process name (in
 	// top, ps, perf) tells the two apart.
-	link := e.dir + "/" + map[string]string{"agent": "attach-agent", "ref": "reference"}[mode]
+	link := e.dir + "/" + map[string]string{"agent": "attach-agent", "agent-v2": "attach-agent-v2", "ref": "reference"}[mode]
 	if _, err := os.Lstat(link); err != nil {
 		if err := os.Symlink(self, link); err != nil {
 			return nil, err
@@ -444,7 +469,14 @@ func (e *env) download(mode, command string, size int64) (download, error) {
 	}
 	defer c.Close()
 	t0, cpu0 := time.Now(), selfCPU()
-	n, err := io.Copy(io.Discard, c)
+	var n int64
+	if mode == "agent-v2" {
+		n, err = stdoutFrames(c, wire.NewFrameReader(c), io.Discard, -1)
+		_ = c.CloseWrite() // the agent lingers for the client's end
+		_, _ = io.Copy(io.Discard, c)
+	} else {
+		n, err = io.Copy(io.Discard, c)
+	}
 	el, relayCPU := time.Since(t0), selfCPU()-cpu0
 	_ = c.Close()
 	werr := cmd.Wait()
@@ -685,7 +717,8 @@ func child(mode string, args []string) int {
 		return 1
 	}
 	argv := []string{"/bin/sh", "-c", args[3]}
-	if mode == "agent" {
+	if mode == "agent" || mode == "agent-v2" {
+		u.V2 = mode == "agent-v2"
 		res := agent.Run(context.Background(), agent.Spec{
 			URL: u, Dial: tlsdial.Config{TLS: tcfg},
 			Process: ptyio.Spec{Argv: argv, TTY: true, Raw: true},

@@ -1,93 +1,97 @@
 package main
 
 import (
-	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
-	"hash"
 	"io"
 	"sort"
 	"time"
 
-	"github.com/attach-agent/attach-agent/attach"
+	"github.com/attach-agent/attach-agent/tlsdial"
 	"github.com/attach-agent/attach-agent/wire"
 )
 
-// v2Session starts command through d over protocol v2 and returns the
-// attach client's session, not started.
-func (e *env) v2Session(d *daemon, command string) (*attach.Session, error) {
+// rawV2 starts command through d over protocol v2 and pairs a client
+// that reads and writes frames on the connection itself, as lean as the
+// Heroku wire's raw client: the figures are the agent's framing, not a
+// client library's plumbing.
+func (e *env) rawV2(d *daemon, command string) (*tlsdial.Conn, *wire.FrameReader, error) {
 	u := e.url()
 	u.V2 = true
 	if _, err := d.post(u, command); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return attach.DialURL(context.Background(), u, attach.Config{Dial: e.dial})
+	c, err := e.client(u)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, wire.NewFrameReader(c), nil
 }
 
-// counter counts (and hashes, when h is set) what it is given, and says
-// when it has seen want bytes.
-type counter struct {
-	n, want int64
-	h       hash.Hash
-	full    chan struct{}
-}
-
-func (c *counter) Write(p []byte) (int, error) {
-	if c.h != nil {
-		c.h.Write(p)
+// stdoutFrames feeds the stdout frames' payloads to w until n bytes came
+// (n < 0: until the exit frame), answering pings.
+func stdoutFrames(c *tlsdial.Conn, fr *wire.FrameReader, w io.Writer, n int64) (int64, error) {
+	var got int64
+	for n < 0 || got < n {
+		t, p, err := fr.Next()
+		if err != nil {
+			return got, err
+		}
+		switch t {
+		case wire.FrameStdout:
+			_, _ = w.Write(p)
+			got += int64(len(p))
+		case wire.FramePing:
+			_, _ = c.Write(wire.AppendFrame(nil, wire.FramePong, p))
+		case wire.FrameExit:
+			if n < 0 {
+				return got, nil
+			}
+		}
 	}
-	c.n += int64(len(p))
-	if c.full != nil && c.n >= c.want {
-		close(c.full)
-		c.full = nil
-	}
-	return len(p), nil
+	return got, nil
 }
 
 func (e *env) v2Download(d *daemon, size int64) (float64, error) {
-	s, err := e.v2Session(d, fmt.Sprintf("head -c %d /dev/zero", size))
+	c, fr, err := e.rawV2(d, fmt.Sprintf("head -c %d /dev/zero", size))
 	if err != nil {
 		return 0, err
 	}
-	defer s.Close()
-	c := &counter{}
-	s.Stdout = c
+	defer c.Close()
 	t0 := time.Now()
-	if err := s.Start(); err != nil {
-		return 0, err
-	}
-	if err := s.Wait(); err != nil || c.n != size {
-		return 0, fmt.Errorf("v2 download: %d of %d bytes: %v", c.n, size, err)
+	n, err := stdoutFrames(c, fr, io.Discard, -1)
+	if err != nil || n != size {
+		return 0, fmt.Errorf("v2 download: %d of %d bytes: %v", n, size, err)
 	}
 	return float64(size) / (1 << 20) / time.Since(t0).Seconds(), nil
 }
 
 func (e *env) v2Echo(d *daemon, size int64) (float64, error) {
-	s, err := e.v2Session(d, "cat")
+	c, fr, err := e.rawV2(d, "cat")
 	if err != nil {
 		return 0, err
 	}
-	defer s.Close()
+	defer c.Close()
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	c := &counter{want: size, h: sha256.New(), full: make(chan struct{})}
-	full := c.full
-	s.Stdin, s.Stdout = pr, c
 	t0 := time.Now()
-	if err := s.Start(); err != nil {
-		return 0, err
-	}
-	go func() { _, _ = pw.Write(data) }()
-	select {
-	case <-full:
-	case <-time.After(2 * time.Minute):
-		return 0, fmt.Errorf("v2 echo stalled at %d of %d bytes", c.n, size)
+	go func() {
+		fw := &wire.FrameWriter{W: c}
+		for p := data; len(p) > 0; {
+			k := min(len(p), 32<<10-wire.HeaderLen) // a frame fills two TLS records
+			if fw.Write(wire.FrameStdin, p[:k]) != nil {
+				return
+			}
+			p = p[k:]
+		}
+	}()
+	h := sha256.New()
+	if n, err := stdoutFrames(c, fr, h, size); err != nil {
+		return 0, fmt.Errorf("v2 echo stalled or broke at %d of %d bytes: %w", n, size, err)
 	}
 	el := time.Since(t0)
-	if want := sha256.Sum256(data); string(c.h.Sum(nil)) != string(want[:]) {
+	if want := sha256.Sum256(data); string(h.Sum(nil)) != string(want[:]) {
 		return 0, fmt.Errorf("v2 echo differs (sha256)")
 	}
 	return float64(size) / (1 << 20) / el.Seconds(), nil
@@ -97,17 +101,11 @@ func (e *env) v2Echo(d *daemon, size int64) (float64, error) {
 // lean as the Heroku-wire one: frames written and read on the connection
 // itself.
 func (e *env) v2Latency(d *daemon, trips int) (p50, p99 time.Duration, err error) {
-	u := e.url()
-	u.V2 = true
-	if _, err := d.post(u, "cat"); err != nil {
-		return 0, 0, err
-	}
-	c, err := e.client(u)
+	c, fr, err := e.rawV2(d, "cat")
 	if err != nil {
 		return 0, 0, err
 	}
 	defer c.Close()
-	fr := wire.NewFrameReader(c)
 	frame := wire.AppendFrame(nil, wire.FrameStdin, []byte{'x'})
 	lat := make([]time.Duration, 0, trips)
 	for range trips {

@@ -121,6 +121,11 @@ type Config struct {
 	// (Spec.SeparateStderr), takes that output (protocol v2's stderr
 	// frames) under the same bounds as stdout's.
 	Stderr io.Writer `json:"-"`
+	// WriteOverhead is what the stream adds to each Write (protocol v2's
+	// frame header): output is read in pieces that small less, so that a
+	// full read and its header fill whole TLS records instead of spilling a
+	// few bytes into one more.
+	WriteOverhead int `json:"-"`
 	// FirstOutput, when set, is called once, after the first output byte
 	// was written to the stream (from the output goroutine: it must not
 	// block).
@@ -585,7 +590,7 @@ func (s *session) output() error {
 	}
 	empty := 0
 	for {
-		n, err := r.read(buf)
+		n, err := r.read(buf[:len(buf)-s.cfg.WriteOverhead])
 		if s.cfg.Fault != nil {
 			s.cfg.Fault("output")
 		}
@@ -737,7 +742,7 @@ func (s *session) input() error {
 func (s *session) copyStderr() error {
 	buf := make([]byte, BufSize)
 	for {
-		n, err := s.p.stderr.Read(buf)
+		n, err := s.p.stderr.Read(buf[:len(buf)-s.cfg.WriteOverhead])
 		if n > 0 {
 			s.touch()
 			if s.exited.Load() {
