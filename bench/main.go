@@ -276,6 +276,24 @@ func bench(tests map[string]bool, downloadMiB, echoMiB, trips, setups, rounds in
 		fmt.Printf("  Heroku wire (v1)                 %8.3f CPU s   %6.1f MiB/s\n", median(v1), median(v1rate))
 		fmt.Printf("  protocol v2                      %8.3f CPU s   %6.1f MiB/s   CPU %.2fx v1, throughput %.2fx v1\n\n",
 			median(v2), median(v2rate), median(v2)/median(v1), median(v2rate)/median(v1rate))
+		var c1, c2 []float64
+		for r := range rounds * 2 {
+			for k := range 2 {
+				v := (r + k) % 2
+				us, err := e.tripCPU([]string{"agent", "agent-v2"}[v], trips)
+				if err != nil {
+					return err
+				}
+				if v == 0 {
+					c1 = append(c1, us)
+				} else {
+					c2 = append(c2, us)
+				}
+			}
+		}
+		fmt.Printf("framing cost per round trip (agent CPU µs per one-byte echo through dd bs=1, %d trips; median of %d each)\n", trips, len(c1))
+		fmt.Printf("  Heroku wire (v1)                 %8.1f µs\n", median(c1))
+		fmt.Printf("  protocol v2                      %8.1f µs   %.2fx v1\n\n", median(c2), median(c2)/median(c1))
 	}
 	if tests["latency"] {
 		var lat [2][2]time.Duration
@@ -542,6 +560,76 @@ func (e *env) latency(mode string, trips int) (p50, p99 time.Duration, err error
 	}
 	defer c.Close()
 	return roundTrips(c, trips)
+}
+
+// tripCPU is the agent's own CPU time per round trip, in µs: trips
+// one-byte echoes through dd bs=1 count=TRIPS (it copies stdin to stdout
+// a byte per write, then exits), so that the agent ends and reports its
+// rusage.
+func (e *env) tripCPU(mode string, trips int) (float64, error) {
+	u := e.url()
+	cmd, err := e.startAgent(mode, u, fmt.Sprintf("dd bs=1 count=%d status=none", trips)) // write(2) per byte, as cat; head -c would buffer its stdout
+	if err != nil {
+		return 0, err
+	}
+	c, err := e.client(u)
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return 0, err
+	}
+	var rt io.ReadWriter = c
+	if mode == "agent-v2" {
+		rt = &frameEcho{c: c, fr: wire.NewFrameReader(c)}
+	}
+	_, _, terr := roundTrips(rt, trips)
+	if terr != nil {
+		_ = cmd.Process.Kill()
+	}
+	go func() { _, _ = io.Copy(io.Discard, c) }() // the end: eofs, exit, reason, close_notify
+	werr := cmd.Wait()
+	_ = c.Close()
+	if terr != nil {
+		return 0, terr
+	}
+	_, cpu, err := ownUsage(cmd)
+	if err != nil {
+		return 0, fmt.Errorf("%v (agent: %v)", err, werr)
+	}
+	return float64(cpu.Microseconds()) / float64(trips), nil
+}
+
+// frameEcho is a v2 client as an io.ReadWriter for roundTrips: writes
+// are stdin frames, reads the stdout frames' bytes.
+type frameEcho struct {
+	c       *tlsdial.Conn
+	fr      *wire.FrameReader
+	pending []byte
+}
+
+func (f *frameEcho) Write(p []byte) (int, error) {
+	if _, err := f.c.Write(wire.AppendFrame(nil, wire.FrameStdin, p)); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (f *frameEcho) Read(p []byte) (int, error) {
+	for len(f.pending) == 0 {
+		t, b, err := f.fr.Next()
+		if err != nil {
+			return 0, err
+		}
+		switch t {
+		case wire.FrameStdout:
+			f.pending = append(f.pending, b...)
+		case wire.FramePing:
+			_, _ = f.c.Write(wire.AppendFrame(nil, wire.FramePong, b))
+		}
+	}
+	n := copy(p, f.pending)
+	f.pending = f.pending[n:]
+	return n, nil
 }
 
 // roundTrips times trips one-byte round trips on c (an echo at the other
