@@ -590,6 +590,13 @@ func (s *session) output() error {
 	}
 	empty := 0
 	for {
+		// Whether the exit came before this read: only then were its bytes
+		// in the queue the exit counted as owed. A read that returns just
+		// before the exit's count and is looked at just after would else be
+		// taken off what is owed too, and as many bytes still queued would
+		// be cut by the drain bound (CI saw exactly 32 KiB lost so, under
+		// load). A read the exit overtakes is not taken off: owed errs long.
+		exitedBefore := s.exited.Load()
 		n, err := r.read(buf[:len(buf)-s.cfg.WriteOverhead])
 		if s.cfg.Fault != nil {
 			s.cfg.Fault("output")
@@ -597,8 +604,10 @@ func (s *session) output() error {
 		if n > 0 {
 			empty = 0
 			s.touch()
-			if s.exited.Load() {
+			if exitedBefore {
 				s.owed.Add(-int64(n))
+			}
+			if s.exited.Load() {
 				s.extendDrain()
 			}
 			// The stall bound is per write: a write that makes no
