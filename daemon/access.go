@@ -27,16 +27,27 @@ func ConnContext(ctx context.Context, c net.Conn) context.Context {
 	if !ok {
 		return ctx
 	}
-	rc, err := uc.SyscallConn()
+	cred, err := peerCred(uc)
 	if err != nil {
 		return ctx
 	}
+	return context.WithValue(ctx, callerKey{}, Caller{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid})
+}
+
+// peerCred is the kernel's word on who is at the other end of c
+// (SO_PEERCRED): the control API's callers, and the daemons that reach a
+// worker's control socket.
+func peerCred(c *net.UnixConn) (*unix.Ucred, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
 	var cred *unix.Ucred
 	var cerr error
-	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil || cerr != nil {
-		return ctx
+	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return nil, err
 	}
-	return context.WithValue(ctx, callerKey{}, Caller{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid})
+	return cred, cerr
 }
 
 func callerOf(ctx context.Context) (Caller, bool) {

@@ -8,8 +8,6 @@ import (
 	"net"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // The daemon and a worker talk in JSON lines over a unix stream: the
@@ -104,14 +102,6 @@ func (l *link) close() { _ = l.c.Close() }
 
 // peerIs reports whether the other end of c runs as uid.
 func peerIs(c *net.UnixConn, uid int) bool {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil || cerr != nil {
-		return false
-	}
-	return int(cred.Uid) == uid
+	cred, err := peerCred(c)
+	return err == nil && int(cred.Uid) == uid
 }

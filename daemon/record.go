@@ -126,7 +126,8 @@ func writeFile(dir, name string, v any) error {
 const maxRecordFile = 4 << 20
 
 func readFile(dir, name string, v any) error {
-	f, err := os.Open(filepath.Join(dir, name))
+	// No link is followed: a record's files are regular files of ours.
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
 	}

@@ -316,22 +316,23 @@ func (w *worker) drop(l *link) {
 }
 
 func (w *worker) broadcastRunning() {
-	w.mu.Lock()
-	links := append([]*link(nil), w.links...)
-	w.mu.Unlock()
-	for _, l := range links {
+	for _, l := range w.linksNow() {
 		_ = l.send(message{Type: "running"})
 	}
 }
 
 func (w *worker) broadcast(m message) {
-	w.mu.Lock()
-	links := append([]*link(nil), w.links...)
-	w.mu.Unlock()
-	for _, l := range links {
+	for _, l := range w.linksNow() {
 		_ = l.send(m) // best effort: result.json is what counts
 		l.close()
 	}
+}
+
+// linksNow is the daemons connected now, to send to outside the lock.
+func (w *worker) linksNow() []*link {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]*link(nil), w.links...)
 }
 
 // secretHash is what records keep of a secret: enough to refuse a second
