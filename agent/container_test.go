@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/agent"
+	"github.com/attach-agent/attach-agent/attach"
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/testroot"
@@ -1250,4 +1252,48 @@ func v2Group(t *testing.T, pid int) string {
 	}
 	v2Groups[t] = "/" + name
 	return v2Groups[t]
+}
+
+// Protocol v2 in pipes mode gives stderr a pipe of its own inside a
+// sandbox and in a joined container too: the sandbox's init and the join
+// pass the command's three fds through as they are.
+func TestV2StderrApartInContainers(t *testing.T) {
+	needRoot(t)
+	root := buildRootfs(t)
+	pid := startContainer(t, "dyno-web-2", false)
+	h := newHarness(t, nil)
+	for _, tc := range []struct {
+		name string
+		c    container.Spec
+	}{
+		{"sandbox", container.Spec{Rootfs: root, Hostname: "one-off-8"}},
+		{"join", container.Spec{PID: pid}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, res := h.v2(t, agent.Spec{Container: tc.c, Process: ptyio.Spec{
+				Argv: []string{"/bin/sh", "-c", `echo "out $(hostname)"; echo "err $(hostname)" >&2; exit 4`},
+			}}, attach.Config{})
+			var out, errOut proctest.Buffer
+			s.Stdout, s.Stderr = &out, &errOut
+			if err := s.Start(); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Wait()
+			r := wait(t, res, 30*time.Second)
+			var ee *attach.ExitError
+			if !errors.As(err, &ee) || ee.Code != 4 {
+				t.Errorf("Wait = %v, want exit status 4", err)
+			}
+			host := tc.c.Hostname
+			if host == "" {
+				host = "dyno-web-2"
+			}
+			if out.String() != "out "+host+"\n" || errOut.String() != "err "+host+"\n" {
+				t.Errorf("stdout %q, stderr %q: want each on its own stream, from inside %s", out.String(), errOut.String(), host)
+			}
+			if r.Reason != ptyio.ReasonExited || r.ExitCode != 4 {
+				t.Errorf("agent result %v", r)
+			}
+		})
+	}
 }
