@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
@@ -30,7 +32,20 @@ type daemon struct {
 	name    string
 	cmd     *exec.Cmd
 	control string
+	state   string // its --state-dir, removed by stop
 	hc      *http.Client
+}
+
+// stateParent is where daemons keep their state: a tmpfs, as /run is on
+// the hosts the unit is for (systemd mounts it so), rather than this
+// machine's disk, where a directory or file costs a journal write; "" (the
+// bench's own directory) when /dev/shm is not a tmpfs.
+func stateParent() string {
+	var st unix.Statfs_t
+	if unix.Statfs("/dev/shm", &st) == nil && st.Type == unix.TMPFS_MAGIC {
+		return "/dev/shm"
+	}
+	return ""
 }
 
 func (e *env) startDaemon(name, bin string) (*daemon, error) {
@@ -48,7 +63,14 @@ func (e *env) startDaemon(name, bin string) (*daemon, error) {
 	// worker processes, serve had none).
 	args := []string{"serve", "--ca", e.caFile, "--control", d.control, "--metrics-listen", "", "--log-format", "text", "--max-sessions", "2000", "--shutdown-grace", "5s"}
 	if out, _ := exec.Command(bin, "serve", "-h").CombinedOutput(); strings.Contains(string(out), "-state-dir") {
-		args = append(args, "--state-dir", filepath.Join(dir, "state"))
+		parent := stateParent()
+		if parent == "" {
+			parent = dir
+		}
+		if d.state, err = os.MkdirTemp(parent, "attach-bench-state-"); err != nil {
+			return nil, err
+		}
+		args = append(args, "--state-dir", d.state)
 	}
 	d.cmd = exec.Command(bin, args...)
 	d.cmd.Stderr = log
@@ -77,6 +99,9 @@ func (d *daemon) stop() {
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	_ = d.cmd.Wait()
+	if d.state != "" {
+		_ = os.RemoveAll(d.state)
+	}
 }
 
 // post starts a session for u running command in a raw pty.
@@ -201,7 +226,7 @@ func (e *env) idleMemory(d *daemon, n int) (daemonKiB, workersKiB int64, workers
 		}
 		conns = append(conns, c)
 	}
-	time.Sleep(2 * time.Second) // settled: every session paired and idle
+	time.Sleep(3 * time.Second) // settled: every session paired and idle, its worker past its start (startBound)
 	after, err := pss(d.cmd.Process.Pid)
 	if err != nil {
 		return 0, 0, 0, err
@@ -270,20 +295,29 @@ func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloa
 		// spare worker has been made again by the next one), and back to
 		// back, a burst (what a host of this size sustains).
 		for _, gap := range []time.Duration{setupGap, 0} {
-			st, err := alternating(setups, func(v int) (time.Duration, error) {
-				time.Sleep(gap)
-				return e.daemonSetup(ds[v])
-			})
-			if err != nil {
-				return fmt.Errorf("daemon setup: %w", err)
+			// Each round times one session of each, back to back in
+			// alternating order; the ratio is taken within rounds.
+			var st [2][]float64
+			for r := range setups {
+				for k := range 2 {
+					v := (r + k) % 2
+					time.Sleep(gap)
+					d, err := e.daemonSetup(ds[v])
+					if err != nil {
+						return fmt.Errorf("daemon setup: %w", err)
+					}
+					st[v] = append(st[v], float64(d)/float64(time.Millisecond))
+				}
 			}
 			what := fmt.Sprintf("one every %v", gap)
 			if gap == 0 {
 				what = "back to back"
 			}
-			fmt.Printf("daemon setup, %s (API call to the first output byte at a waiting client, median of %d each, alternating)\n", what, setups)
-			fmt.Printf("  %s %8v\n", label(0), st[0])
-			fmt.Printf("  %s %8v   %.2fx before (target <= 1.10)\n\n", label(1), st[1], float64(st[1])/float64(st[0]))
+			med, lo, hi := pairedRatio(st[1], st[0])
+			fmt.Printf("daemon setup, %s (API call to the first output byte at a waiting client, ms, %d rounds: median [range])\n", what, setups)
+			fmt.Printf("  %s %8.2f [%s]\n", label(0), median(st[0]), spreadOf(st[0]))
+			fmt.Printf("  %s %8.2f [%s]\n", label(1), median(st[1]), spreadOf(st[1]))
+			fmt.Printf("  after/before per round: median %.3f, 90%% interval %.3f-%.3f; of the medians %.3f (target <= 1.10)\n\n", med, lo, hi, median(st[1])/median(st[0]))
 		}
 	}
 	if tests["download"] || tests["echo"] {

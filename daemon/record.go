@@ -103,13 +103,10 @@ func (r result) agentResult() agent.Result {
 // writeFile writes v as JSON to dir/name through a temporary file and a
 // rename.
 func writeFile(dir, name string, v any) error {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false) // <, > and & as themselves: a record is not HTML
-	if err := enc.Encode(v); err != nil {
+	b, err := encodeFile(v)
+	if err != nil {
 		return err
 	}
-	b := buf.Bytes()
 	if len(b) > maxRecordFile {
 		return fmt.Errorf("%s would be %d bytes, over the %d a daemon reads", name, len(b), maxRecordFile)
 	}
@@ -118,6 +115,17 @@ func writeFile(dir, name string, v any) error {
 		return err
 	}
 	return os.Rename(tmp, filepath.Join(dir, name))
+}
+
+// encodeFile is a record file's content: v's JSON, one line.
+func encodeFile(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // <, > and & as themselves: a record is not HTML
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
 
 // maxRecordFile bounds a record's file, written and read. A request is at

@@ -25,19 +25,17 @@ import (
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
-// startHeap and startBound bound a worker's start without collection (see
-// runWorker).
+// startHeap, startBound and settleDelay bound a worker's start without
+// collection (see runWorker).
 const (
-	startHeap  = 64 << 20
-	startBound = 2 * time.Second
+	startHeap   = 64 << 20
+	startBound  = 2 * time.Second
+	settleDelay = 250 * time.Millisecond
 )
 
 // workerArg is the argument a worker is started with (the agent's binary
 // re-executed, as the sandbox init is).
 const workerArg = "__session-worker"
-
-// warmArg starts this binary only to exit (see warmUp).
-const warmArg = "__warm-up"
 
 // Main runs this process as a session's worker when the daemon started it
 // as one, and never returns then. Call it first in main (and in TestMain
@@ -45,9 +43,6 @@ const warmArg = "__warm-up"
 func Main() {
 	if len(os.Args) == 2 && os.Args[1] == workerArg {
 		os.Exit(runWorker())
-	}
-	if len(os.Args) == 2 && os.Args[1] == warmArg {
-		os.Exit(0) // a spare's warm-up of process start (warmUp)
 	}
 }
 
@@ -63,7 +58,10 @@ func runWorker() int {
 	// first byte); once it runs, the default again, and what the start
 	// used goes back to the system (an idle session holds little).
 	// A memory limit bounds the heap meanwhile (the collector runs at it),
-	// and the start ends at the latest startBound after the order.
+	// and the start ends settleDelay after the first output byte, or at
+	// the latest startBound after the order. A session over by then (a
+	// CI step's short command) never pays for the collection: the exit
+	// frees it all.
 	gcPercent := debug.SetGCPercent(-1)
 	memLimit := debug.SetMemoryLimit(startHeap)
 	settle := sync.OnceFunc(func() {
@@ -71,7 +69,6 @@ func runWorker() int {
 		debug.SetMemoryLimit(memLimit)
 		debug.FreeOSMemory()
 	})
-	defer settle()
 	// The command must not hold the daemon's end of things, nor anything
 	// else this process was started with past stderr (fds the daemon
 	// inherited, such as systemd's sockets).
@@ -118,9 +115,11 @@ func runWorker() int {
 		dial.TLS, tlsErr = tlsdial.LoadTLS(cfg.CA, cfg.Cert, cfg.Key)
 	}
 
-	if m.Warm && tlsErr == nil && !dial.Plain {
-		warmUp(dial.TLS)
+	if m.Warm && tlsErr == nil {
+		warmUp(cfg, key, dial)
 	}
+	// The record's pid and start time, read before the order comes.
+	self, selfErr := container.StartTime(os.Getpid())
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).
 	m, err = daemonLink.recv()
@@ -130,37 +129,46 @@ func runWorker() int {
 	o := *m.Order
 	time.AfterFunc(startBound, settle)
 	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key}
+	if selfErr != nil {
+		_ = daemonLink.send(message{Type: "refused", Error: "the worker's own start time: " + selfErr.Error()})
+		return 1
+	}
+	w.start = self
 	spec, err := w.prepare(o, dial, tlsErr)
 	if err != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
 		return 1
 	}
-	// The session starts (its dial goes out) while its record is written:
-	// nothing runs before a client pairs, and the record is whole before
-	// the daemon says the session was created.
-	ended := make(chan agent.Result, 1)
-	go func() { ended <- agent.Run(ctx, spec, w.log) }()
-	refuse := func(why string) int {
-		cancel(errors.New(why))
-		<-ended
-		_ = os.RemoveAll(w.dir)
+	// The record first, then the session. Writing it (on the state
+	// directory's tmpfs, a few tens of µs) while the session dials was
+	// measured to slow the dial more than it saves: the record's syscalls
+	// and the daemon's answer to the API take the CPU that the TCP
+	// connect and the TLS handshake need (docs/BENCHMARKS.md, issue 12).
+	refuse := func(why string, made bool) int {
+		if made {
+			_ = os.RemoveAll(w.dir)
+		}
 		_ = daemonLink.send(message{Type: "refused", Error: why})
 		return 1
 	}
+	if err := os.Mkdir(w.dir, 0o700); err != nil {
+		return refuse("the session's record: "+err.Error(), false) // not ours to remove
+	}
 	ln, err := w.listen()
 	if err != nil {
-		return refuse(err.Error())
+		return refuse(err.Error(), true)
 	}
 	if err := writeFile(w.dir, workerFile, w.rec); err != nil {
 		_ = ln.Close()
-		return refuse("writing the session's record: " + err.Error())
+		return refuse("writing the session's record: "+err.Error(), true)
 	}
-	w.add(daemonLink)
-	if err := daemonLink.send(message{Type: "accepted", Record: &w.rec}); err != nil {
+	if err := w.join(daemonLink, message{Type: "accepted", Record: &w.rec}); err != nil {
 		// The daemon is gone already: the session is ours alone, and the
 		// next daemon finds its record.
 		w.log.Warn("worker: the daemon went away while the session started", "err", err.Error())
 	}
+	ended := make(chan agent.Result, 1)
+	go func() { ended <- agent.Run(ctx, spec, w.log) }()
 	go w.serve(daemonLink)
 	go w.accept(ln)
 
@@ -183,13 +191,14 @@ type worker struct {
 	cancel context.CancelCauseFunc
 	settle func() // the collector back on, once the session runs
 	key    []byte // the host's key for secretHash
+	start  string // this process's start time (container.StartTime)
 
 	mu    sync.Mutex
 	links []*link
 }
 
-// prepare reads the order as the daemon did and makes the record's
-// directory.
+// prepare reads the order as the daemon did and fills in the record,
+// which runWorker then writes.
 func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec, error) {
 	if tlsErr != nil {
 		return agent.Spec{}, fmt.Errorf("the relay's TLS settings: %w", tlsErr)
@@ -206,15 +215,8 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 			}
 		}
 	}
-	self, err := container.StartTime(os.Getpid())
-	if err != nil {
-		return spec, err
-	}
-	if err := os.Mkdir(w.dir, 0o700); err != nil {
-		return spec, fmt.Errorf("the session's record: %w", err)
-	}
 	w.rec = record{
-		V: recordVersion, ID: o.ID, PID: os.Getpid(), Start: self, StartedAt: time.Now(), About: spec.About(),
+		V: recordVersion, ID: o.ID, PID: os.Getpid(), Start: w.start, StartedAt: time.Now(), About: spec.About(),
 		SecretHash: secretHash(w.key, spec.URL.Secret), Place: spec.Container.Place(),
 	}
 	if !spec.Container.IsZero() {
@@ -223,7 +225,10 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 	}
 	// The daemon starts the next spare once this session runs, off the
 	// path to its first byte.
-	spec.Pump.FirstOutput = func() { go func() { w.broadcastRunning(); w.settle() }() }
+	spec.Pump.FirstOutput = func() {
+		go w.broadcastRunning()
+		time.AfterFunc(settleDelay, w.settle)
+	}
 	crash := w.cfg.FaultLabel != "" && o.Request.Labels[w.cfg.FaultLabel] == "worker"
 	spec.Started = func(pid int) {
 		st, err := container.StartTime(pid)
@@ -268,9 +273,8 @@ func (w *worker) accept(ln *net.UnixListener) {
 			continue
 		}
 		l := newLink(c)
-		w.add(l)
-		if err := l.send(message{Type: "hello", Record: &w.rec}); err != nil {
-			w.drop(l)
+		if err := w.join(l, message{Type: "hello", Record: &w.rec}); err != nil {
+			l.close()
 			continue
 		}
 		go w.serve(l)
@@ -297,10 +301,17 @@ func (w *worker) serve(l *link) {
 	}
 }
 
-func (w *worker) add(l *link) {
+// join sends a daemon's link its first message (accepted, hello) and adds
+// it to those broadcasts go to, under the lock, so that no broadcast
+// (running, ended) overtakes the first message.
+func (w *worker) join(l *link, first message) error {
 	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := l.send(first); err != nil {
+		return err
+	}
 	w.links = append(w.links, l)
-	w.mu.Unlock()
+	return nil
 }
 
 func (w *worker) drop(l *link) {
