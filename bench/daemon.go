@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,6 +33,7 @@ type daemon struct {
 	cmd     *exec.Cmd
 	control string
 	state   string // its --state-dir, removed by stop
+	cgroup  string // a cgroup2 group of its own (cpu), "" without one
 	hc      *http.Client
 }
 
@@ -74,6 +75,23 @@ func (e *env) startDaemon(name, bin string) (*daemon, error) {
 	}
 	d.cmd = exec.Command(bin, args...)
 	d.cmd.Stderr = log
+	// A session of its own, as systemd starts a service: the scheduler
+	// then shares the CPU between it (its autogroup) and this bench's
+	// relay and clients as it would on a host, whatever the daemon's
+	// workers do (each is in a session of its own too).
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if mnt := cgroup2Mount(); mnt != "" {
+		// Started in a group of its own, so that what it and its
+		// children (workers, commands) cost is read from its cpu.stat.
+		g := filepath.Join(mnt, fmt.Sprintf("attach-bench-%d-%s", os.Getpid(), filepath.Base(dir)))
+		if err := os.Mkdir(g, 0o755); err == nil {
+			if f, err := os.Open(g); err == nil {
+				defer f.Close()
+				d.cgroup = g
+				d.cmd.SysProcAttr.UseCgroupFD, d.cmd.SysProcAttr.CgroupFD = true, int(f.Fd())
+			}
+		}
+	}
 	if err := d.cmd.Start(); err != nil {
 		return nil, err
 	}
@@ -102,6 +120,84 @@ func (d *daemon) stop() {
 	if d.state != "" {
 		_ = os.RemoveAll(d.state)
 	}
+	if d.cgroup != "" {
+		// Its workers exit at the drain; the group goes once they have.
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if b, err := os.ReadFile(filepath.Join(d.cgroup, "cgroup.procs")); err != nil || len(b) == 0 {
+				break
+			}
+		}
+		_ = os.Remove(d.cgroup)
+	}
+}
+
+// cgroup2Mount is where a cgroup2 hierarchy is mounted (/sys/fs/cgroup,
+// or /sys/fs/cgroup/unified beside v1 ones), "" when none is.
+func cgroup2Mount() string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+		pre, post, ok := strings.Cut(line, " - ")
+		if f, g := strings.Fields(pre), strings.Fields(post); ok && len(f) >= 5 && len(g) > 0 && g[0] == "cgroup2" {
+			return f[4]
+		}
+	}
+	return ""
+}
+
+// cpu is the CPU time the daemon's group has used: it, its workers and
+// their commands.
+func (d *daemon) cpu() (time.Duration, error) {
+	b, err := os.ReadFile(filepath.Join(d.cgroup, "cpu.stat"))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "usage_usec "); ok {
+			us, err := strconv.ParseInt(v, 10, 64)
+			return time.Duration(us) * time.Microsecond, err
+		}
+	}
+	return 0, fmt.Errorf("%s: no usage_usec in cpu.stat", d.cgroup)
+}
+
+// sessionCPU is the CPU one session costs its daemon's group, all in:
+// command runs through d with a client attached that reads to the end;
+// the count ends once the daemon has seen the session end and a spare
+// worker started meanwhile has had setupGap to be made.
+func (e *env) sessionCPU(d *daemon, command string) (float64, error) {
+	if d.cgroup == "" {
+		return 0, errors.New("no cgroup2 hierarchy to count a daemon's CPU in")
+	}
+	c0, err := d.cpu()
+	if err != nil {
+		return 0, err
+	}
+	u := e.url()
+	v, err := d.post(u, command)
+	if err != nil {
+		return 0, err
+	}
+	c, err := e.client(u)
+	if err != nil {
+		return 0, err
+	}
+	_, err = io.Copy(io.Discard, c)
+	_ = c.Close()
+	if err != nil {
+		return 0, err
+	}
+	resp, err := d.hc.Get(fmt.Sprintf("http://agent/v1/sessions/%v?wait=30s", v["id"]))
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	time.Sleep(setupGap)
+	c1, err := d.cpu()
+	return float64(c1-c0) / float64(time.Millisecond), err
 }
 
 // post starts a session for u running command in a raw pty.
@@ -290,87 +386,65 @@ func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloa
 		ds[i] = d
 	}
 	label := func(i int) string { return fmt.Sprintf("%-32s", ds[i].name+" ("+[]string{"before", "after"}[i]+")") }
+	labels := [2]string{label(0), label(1)}
 	if tests["setup"] {
 		// Paced, as sessions arrive on a host that is not saturated (a
 		// spare worker has been made again by the next one), and back to
 		// back, a burst (what a host of this size sustains).
 		for _, gap := range []time.Duration{setupGap, 0} {
-			// Each round times one session of each, back to back in
-			// alternating order; the ratio is taken within rounds.
-			var st [2][]float64
-			for r := range setups {
-				for k := range 2 {
-					v := (r + k) % 2
-					time.Sleep(gap)
-					d, err := e.daemonSetup(ds[v])
-					if err != nil {
-						return fmt.Errorf("daemon setup: %w", err)
-					}
-					st[v] = append(st[v], float64(d)/float64(time.Millisecond))
-				}
-			}
 			what := fmt.Sprintf("one every %v", gap)
 			if gap == 0 {
 				what = "back to back"
 			}
-			med, lo, hi := pairedRatio(st[1], st[0])
-			fmt.Printf("daemon setup, %s (API call to the first output byte at a waiting client, ms, %d rounds: median [range])\n", what, setups)
-			fmt.Printf("  %s %8.2f [%s]\n", label(0), median(st[0]), spreadOf(st[0]))
-			fmt.Printf("  %s %8.2f [%s]\n", label(1), median(st[1]), spreadOf(st[1]))
-			fmt.Printf("  after/before per round: median %.3f, 90%% interval %.3f-%.3f; of the medians %.3f (target <= 1.10)\n\n", med, lo, hi, median(st[1])/median(st[0]))
-		}
-	}
-	if tests["download"] || tests["echo"] {
-		var dl, echo [2][]float64
-		for r := range rounds {
-			for k := range 2 {
-				v := (r + k) % 2 // who goes first alternates
-				if tests["download"] {
-					x, err := e.daemonDownload(ds[v], int64(downloadMiB)<<20)
-					if err != nil {
-						return fmt.Errorf("%s: %w", ds[v].name, err)
-					}
-					dl[v] = append(dl[v], x)
-				}
-				if tests["echo"] {
-					x, err := e.daemonEcho(ds[v], int64(echoMiB)<<20)
-					if err != nil {
-						return fmt.Errorf("%s: %w", ds[v].name, err)
-					}
-					echo[v] = append(echo[v], x)
-				}
+			m := measure{
+				name:   fmt.Sprintf("daemon setup, %s (API call to the first output byte at a waiting client, ms)", what),
+				target: "target <= 1.10",
+				run: func(v int) (float64, error) {
+					time.Sleep(gap)
+					d, err := e.daemonSetup(ds[v])
+					return float64(d) / float64(time.Millisecond), err
+				},
 			}
-		}
-		for _, m := range []struct {
-			name string
-			v    [2][]float64
-			size int
-		}{{"download", dl, downloadMiB}, {"echo-bulk", echo, echoMiB}} {
-			if len(m.v[0]) == 0 {
-				continue
-			}
-			fmt.Printf("daemon %s (%d MiB, raw pty, MiB/s at the client; median of %d rounds [range])\n", m.name, m.size, rounds)
-			for i := range 2 {
-				fmt.Printf("  %s %8.1f [%s]\n", label(i), median(m.v[i]), spreadOf(m.v[i]))
-			}
-			fmt.Printf("  %32s %.2fx before\n\n", "", median(m.v[1])/median(m.v[0]))
-		}
-	}
-	if tests["latency"] {
-		fmt.Printf("daemon latency (%d one-byte round trips through cat, raw pty)\n", trips)
-		var lat [2][2]time.Duration
-		for _, v := range []int{0, 1, 1, 0} {
-			p50, p99, err := e.daemonLatency(ds[v], trips/2)
+			got, err := inRounds(setups, []measure{m})
 			if err != nil {
 				return err
 			}
-			lat[v][0] += p50 / 2
-			lat[v][1] += p99 / 2
+			report(m, labels, got[0])
 		}
-		for i := range 2 {
-			fmt.Printf("  %s p50 %8v   p99 %8v\n", label(i), lat[i][0], lat[i][1])
+	}
+	var ms []measure
+	if tests["download"] {
+		ms = append(ms, measure{fmt.Sprintf("daemon download (%d MiB, raw pty, MiB/s at the client)", downloadMiB), "within noise: 1.0", func(v int) (float64, error) {
+			return e.daemonDownload(ds[v], int64(downloadMiB)<<20)
+		}})
+	}
+	if tests["echo"] {
+		ms = append(ms, measure{fmt.Sprintf("daemon echo-bulk (%d MiB, raw pty, MiB/s at the client)", echoMiB), "within noise: 1.0", func(v int) (float64, error) {
+			return e.daemonEcho(ds[v], int64(echoMiB)<<20)
+		}})
+	}
+	if tests["latency"] {
+		n := max(trips/rounds, 100)
+		ms = append(ms, measure{fmt.Sprintf("daemon latency p50 (%d one-byte round trips through cat per round, raw pty, µs)", n), "within noise: 1.0", func(v int) (float64, error) {
+			p50, _, err := e.daemonLatency(ds[v], n)
+			return float64(p50) / float64(time.Microsecond), err
+		}})
+	}
+	if tests["cpu"] {
+		ms = append(ms, measure{"CPU of a session running `echo x` (the daemon, its worker, the command, the spare made after; ms)", "before the worker processes: 1.0", func(v int) (float64, error) {
+			return e.sessionCPU(ds[v], "echo x")
+		}}, measure{fmt.Sprintf("CPU of a session downloading %d MiB (the same; ms)", downloadMiB), "within noise: 1.0", func(v int) (float64, error) {
+			return e.sessionCPU(ds[v], fmt.Sprintf("head -c %d /dev/zero", int64(downloadMiB)<<20))
+		}})
+	}
+	if len(ms) > 0 {
+		got, err := inRounds(rounds, ms)
+		if err != nil {
+			return err
 		}
-		fmt.Printf("  %32s p50 %.2fx, p99 %.2fx before\n\n", "", float64(lat[1][0])/float64(lat[0][0]), float64(lat[1][1])/float64(lat[0][1]))
+		for i, m := range ms {
+			report(m, labels, got[i])
+		}
 	}
 	if tests["pss"] {
 		fmt.Printf("memory of %d idle sessions (cat, client attached; PSS in KiB, shared pages divided among their users)\n", idle)
@@ -409,21 +483,4 @@ func memAvailable() int64 {
 func countDir(dir string) int {
 	ents, _ := os.ReadDir(dir)
 	return len(ents)
-}
-
-func median(v []float64) float64 {
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	if len(s)%2 == 0 {
-		return (s[len(s)/2-1] + s[len(s)/2]) / 2
-	}
-	return s[len(s)/2]
-}
-
-func spreadOf(v []float64) string {
-	lo, hi := v[0], v[0]
-	for _, x := range v {
-		lo, hi = min(lo, x), max(hi, x)
-	}
-	return fmt.Sprintf("%.1f-%.1f", lo, hi)
 }

@@ -54,10 +54,10 @@ func main() {
 	}
 	downloadMiB := flag.Int("download", 256, "MiB the command writes in the download test")
 	echoMiB := flag.Int("echo", 64, "MiB echoed through cat in the echo-bulk test")
-	trips := flag.Int("trips", 2000, "one-byte round trips in the latency test")
-	setups := flag.Int("setups", 20, "sessions in the setup test")
-	rounds := flag.Int("rounds", 3, "rounds of the download and echo-bulk tests (medians are reported)")
-	only := flag.String("only", "download,echo,latency,setup,nagle", "the tests to run, comma-separated (download includes cost); with -serve: setup, download, echo, latency, pss")
+	trips := flag.Int("trips", 2000, "one-byte round trips in the latency test (with -serve and -v2: in all, split among the rounds)")
+	setups := flag.Int("setups", 20, "sessions in the setup test (with -serve: rounds, a session of each binary in each)")
+	rounds := flag.Int("rounds", 3, "rounds of the download and echo-bulk tests, and with -serve and -v2 of latency (medians are reported; with -serve and -v2 also the median of per-round ratios)")
+	only := flag.String("only", "download,echo,latency,setup,nagle", "the tests to run, comma-separated (download includes cost); with -serve: setup, download, echo, latency, pss, cpu")
 	serve := flag.String("serve", "", "`BEFORE,AFTER`: two attach-agent binaries whose `serve` is compared, driven through the control API (sessions through each daemon, alternating)")
 	idle := flag.Int("idle", 200, "idle sessions in the pss test")
 	v2 := flag.String("v2", "", "an attach-agent `BINARY`: compare protocol v2 with the Heroku wire through its serve (download, echo, latency)")
@@ -69,10 +69,10 @@ func main() {
 	tests := map[string]bool{}
 	for _, t := range strings.Split(*only, ",") {
 		switch t {
-		case "download", "echo", "latency", "setup", "nagle", "pss", "v2cost":
+		case "download", "echo", "latency", "setup", "nagle", "pss", "v2cost", "cpu":
 			tests[t] = true
 		default:
-			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup, nagle, pss and v2cost, comma-separated\n", t)
+			fmt.Fprintf(os.Stderr, "bench: -only: unknown test %q: use download, echo, latency, setup, nagle, pss, v2cost and cpu, comma-separated\n", t)
 			os.Exit(2)
 		}
 	}

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
-	mrand "math/rand/v2"
 	"sort"
 	"time"
 
@@ -133,10 +132,7 @@ func (e *env) v2Latency(d *daemon, trips int) (p50, p99 time.Duration, err error
 }
 
 // benchV2 compares protocol v2 with the Heroku wire through one daemon
-// (bin's serve). Each round runs both, back to back, in alternating
-// order, and the figure is the median over rounds of v2's ratio to the v1
-// beside it, with a bootstrap interval: on a shared machine whose speed
-// swings by 2x between minutes, only runs seconds apart are compared.
+// (bin's serve), in rounds (inRounds, report).
 func benchV2(bin string, tests map[string]bool, downloadMiB, echoMiB, trips, rounds int) error {
 	e, cleanup, err := newEnv()
 	if err != nil {
@@ -150,87 +146,42 @@ func benchV2(bin string, tests map[string]bool, downloadMiB, echoMiB, trips, rou
 	defer d.stop()
 	fmt.Printf("protocol v2 against the Heroku wire, one daemon (%s), %s, %d rounds\n\n", bin, time.Now().UTC().Format(time.RFC3339), rounds)
 	size, esize := int64(downloadMiB)<<20, int64(echoMiB)<<20
-	type measure struct {
-		name, unit string
-		on         bool
-		run        func(v2 bool) (float64, error)
-		lower      bool // a lower figure is better (latency)
-	}
-	measures := []measure{
-		{fmt.Sprintf("download (%d MiB, raw pty)", downloadMiB), "MiB/s", tests["download"], func(v2 bool) (float64, error) {
-			if v2 {
+	var ms []measure
+	if tests["download"] {
+		ms = append(ms, measure{fmt.Sprintf("download (%d MiB, raw pty, MiB/s at the client)", downloadMiB), "target >= 0.95", func(v int) (float64, error) {
+			if v == 1 {
 				return e.v2Download(d, size)
 			}
 			return e.daemonDownload(d, size)
-		}, false},
-		{fmt.Sprintf("echo-bulk (%d MiB through cat, raw pty)", echoMiB), "MiB/s", tests["echo"], func(v2 bool) (float64, error) {
-			if v2 {
+		}})
+	}
+	if tests["echo"] {
+		ms = append(ms, measure{fmt.Sprintf("echo-bulk (%d MiB through cat, raw pty, MiB/s at the client)", echoMiB), "target >= 0.95", func(v int) (float64, error) {
+			if v == 1 {
 				return e.v2Echo(d, esize)
 			}
 			return e.daemonEcho(d, esize)
-		}, false},
-		{fmt.Sprintf("latency p50 (%d one-byte round trips per round)", max(trips/rounds, 100)), "µs", tests["latency"], func(v2 bool) (float64, error) {
+		}})
+	}
+	if tests["latency"] {
+		n := max(trips/rounds, 100)
+		ms = append(ms, measure{fmt.Sprintf("latency p50 (%d one-byte round trips through cat per round, raw pty, µs)", n), "target <= 1.05", func(v int) (float64, error) {
 			var p50 time.Duration
 			var err error
-			if v2 {
-				p50, _, err = e.v2Latency(d, max(trips/rounds, 100))
+			if v == 1 {
+				p50, _, err = e.v2Latency(d, n)
 			} else {
-				p50, _, err = e.daemonLatency(d, max(trips/rounds, 100))
+				p50, _, err = e.daemonLatency(d, n)
 			}
 			return float64(p50) / float64(time.Microsecond), err
-		}, true},
+		}})
 	}
-	got := make([][2][]float64, len(measures))
-	for r := range rounds {
-		for i, m := range measures {
-			if !m.on {
-				continue
-			}
-			for k := range 2 {
-				v := (r + k + i) % 2
-				x, err := m.run(v == 1)
-				if err != nil {
-					return fmt.Errorf("%s, round %d, v%d: %w", m.name, r+1, v+1, err)
-				}
-				got[i][v] = append(got[i][v], x)
-			}
-		}
+	got, err := inRounds(rounds, ms)
+	if err != nil {
+		return err
 	}
-	for i, m := range measures {
-		if !m.on {
-			continue
-		}
-		v1, v2 := got[i][0], got[i][1]
-		med, lo, hi := pairedRatio(v2, v1)
-		target := "target >= 0.95"
-		if m.lower {
-			target = "target <= 1.05"
-		}
-		fmt.Printf("%s, %s: median [range]\n", m.name, m.unit)
-		fmt.Printf("  %-20s %8.1f [%s]\n", "Heroku wire (v1)", median(v1), spreadOf(v1))
-		fmt.Printf("  %-20s %8.1f [%s]\n", "protocol v2", median(v2), spreadOf(v2))
-		fmt.Printf("  v2/v1 per round: median %.3f, 90%% interval %.3f-%.3f (%s)\n\n", med, lo, hi, target)
+	for i, m := range ms {
+		report(m, [2]string{"Heroku wire (v1)", "protocol v2"}, got[i])
 	}
 	return nil
-}
-
-// pairedRatio is the median of a[i]/b[i] and a 90% bootstrap interval of
-// that median (2000 resamples of the rounds, a fixed seed so a rerun on
-// the same figures prints the same interval).
-func pairedRatio(a, b []float64) (med, lo, hi float64) {
-	ratios := make([]float64, len(a))
-	for i := range a {
-		ratios[i] = a[i] / b[i]
-	}
-	rng := mrand.New(mrand.NewPCG(1, 2))
-	meds := make([]float64, 2000)
-	sample := make([]float64, len(ratios))
-	for j := range meds {
-		for i := range sample {
-			sample[i] = ratios[rng.IntN(len(ratios))]
-		}
-		meds[j] = median(sample)
-	}
-	sort.Float64s(meds)
-	return median(ratios), meds[len(meds)*5/100], meds[len(meds)*95/100]
 }
