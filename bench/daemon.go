@@ -79,7 +79,8 @@ func (e *env) startDaemon(name, bin string) (*daemon, error) {
 	// then shares the CPU between it (its autogroup) and this bench's
 	// relay and clients as it would on a host, whatever the daemon's
 	// workers do (each is in a session of its own too).
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	// Pdeathsig: Ctrl-C on the bench reaches it no longer, so its end does.
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGTERM}
 	if mnt := cgroup2Mount(); mnt != "" {
 		// Started in a group of its own, so that what it and its
 		// children (workers, commands) cost is read from its cpu.stat.
@@ -93,6 +94,12 @@ func (e *env) startDaemon(name, bin string) (*daemon, error) {
 		}
 	}
 	if err := d.cmd.Start(); err != nil {
+		if d.state != "" {
+			_ = os.RemoveAll(d.state)
+		}
+		if d.cgroup != "" {
+			_ = os.Remove(d.cgroup)
+		}
 		return nil, err
 	}
 	d.hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

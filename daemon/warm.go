@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -14,7 +13,11 @@ import (
 	"math/big"
 	"net"
 	"os/exec"
+	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/attach-agent/attach-agent/tlsdial"
 	"github.com/attach-agent/attach-agent/wire"
@@ -45,44 +48,59 @@ const warmSecret = "warm-up"
 
 // warmDial dials a relay in miniature, served here on loopback, with dial's
 // settings and a throwaway certificate in place of the relay's roots, and
-// pairs with it.
+// pairs with it. The port is open to every local user for the moment it
+// takes: the server serves only the connection our own dial made (its
+// source port, bound before the connect), reads a line of the secret's
+// length and no more, and every step has the same 1 s bound.
 func warmDial(dial tlsdial.Config) error {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err // no loopback here: the session's dial goes cold
-	}
-	defer ln.Close()
-	deadline := time.Now().Add(2 * time.Second)
 	var srv *tls.Config
 	if !dial.Plain {
 		var client *tls.Config
+		var err error
 		if srv, client, err = warmCerts(dial.TLS); err != nil {
 			return err
 		}
 		dial.TLS = client
 	}
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return err // no loopback here: the session's dial goes cold
+	}
+	defer ln.Close()
+	deadline := time.Now().Add(time.Second)
+	_ = ln.SetDeadline(deadline)
+	var ours atomic.Int32 // our dial's source port
+	control := dial.Control
+	dial.Control = func(network, address string, rc syscall.RawConn) error {
+		if control != nil {
+			if err := control(network, address, rc); err != nil {
+				return err
+			}
+		}
+		var berr error
+		err := rc.Control(func(fd uintptr) {
+			if berr = unix.Bind(int(fd), &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); berr != nil {
+				return
+			}
+			sa, gerr := unix.Getsockname(int(fd))
+			if in4, ok := sa.(*unix.SockaddrInet4); gerr == nil && ok {
+				ours.Store(int32(in4.Port))
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return berr
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(deadline)
-		rw := c
-		if srv != nil {
-			rw = tls.Server(c, srv)
-		}
-		if line, err := bufio.NewReader(rw).ReadString('\n'); err == nil && line == warmSecret+"\r\n" {
-			_, _ = io.WriteString(rw, wire.Ack)
-		}
+		serveWarm(ln, srv, func() int { return int(ours.Load()) }, deadline)
 	}()
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	dial.ConnectTimeout, dial.HandshakeTimeout, dial.DialTimeout = time.Second, time.Second, time.Second
-	port := ln.Addr().(*net.TCPAddr).Port
-	c, err := tlsdial.Dial(ctx, tlsdial.URL{Host: "127.0.0.1", Port: port, Secret: warmSecret}, dial)
+	c, err := tlsdial.Dial(ctx, tlsdial.URL{Host: "127.0.0.1", Port: ln.Addr().(*net.TCPAddr).Port, Secret: warmSecret}, dial)
 	if err == nil {
 		err = c.Pair(ctx, warmSecret, time.Second)
 		_ = c.Close()
@@ -90,6 +108,33 @@ func warmDial(dial tlsdial.Config) error {
 	_ = ln.Close()
 	<-done
 	return err
+}
+
+// serveWarm is the relay in miniature: on ln, until deadline, it closes
+// every connection but the one from port ours() and answers that one's
+// secret line (TLS with srv, plain when nil) with the ack.
+func serveWarm(ln *net.TCPListener, srv *tls.Config, ours func() int, deadline time.Time) {
+	for {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			return
+		}
+		if c.RemoteAddr().(*net.TCPAddr).Port != ours() {
+			_ = c.Close() // not our dial's: someone else's connect
+			continue
+		}
+		defer c.Close()
+		_ = c.SetDeadline(deadline)
+		var rw net.Conn = c
+		if srv != nil {
+			rw = tls.Server(c, srv)
+		}
+		var line [len(warmSecret) + 2]byte
+		if _, err := io.ReadFull(rw, line[:]); err == nil && string(line[:]) == warmSecret+"\r\n" {
+			_, _ = io.WriteString(rw, wire.Ack)
+		}
+		return
+	}
 }
 
 // warmCerts makes a throwaway server certificate and a client
