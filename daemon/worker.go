@@ -139,11 +139,11 @@ func runWorker() int {
 		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
 		return 1
 	}
-	// The record first, then the session. Writing it (on the state
-	// directory's tmpfs, a few tens of µs) while the session dials was
-	// measured to slow the dial more than it saves: the record's syscalls
-	// and the daemon's answer to the API take the CPU that the TCP
-	// connect and the TLS handshake need (docs/BENCHMARKS.md, issue 12).
+	// The record first, then the session. Writing it (about 0.15 ms on
+	// the state directory's tmpfs) while the session dials was measured
+	// to slow the dial more than it saves: the record's syscalls and the
+	// daemon's answer to the API take the CPU that the TCP connect and the
+	// TLS handshake need (docs/BENCHMARKS.md, issue 12).
 	refuse := func(why string, made bool) int {
 		if made {
 			_ = os.RemoveAll(w.dir)
