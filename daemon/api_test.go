@@ -388,9 +388,7 @@ func TestPanicEndsOneSession(t *testing.T) {
 				}
 			}
 			waitFor(t, func() bool { return len(proctest.Sleepers("62")) == 0 })
-			if len(proctest.Sleepers("61")) != 1 {
-				t.Errorf("sleep 61 processes %v: want the survivor's", proctest.Sleepers("61"))
-			}
+			proctest.WaitSleepers(t, "61", 1) // the survivor's
 			if _, v := d.do(t, "GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" {
 				t.Errorf("survivor: %v", v)
 			}

@@ -467,7 +467,8 @@ func TestWorkerPanicIsOneSessions(t *testing.T) {
 			t.Fatal("the victim's command still runs")
 		}
 	}
-	if _, v := a.do("GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" || len(proctest.Sleepers("1004")) != 1 {
+	proctest.WaitSleepers(t, "1004", 1) // the survivor's command
+	if _, v := a.do("GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" {
 		t.Fatalf("the survivor: %v", v)
 	}
 	if code, _ := a.do("GET", "/healthz", ""); code != http.StatusOK {
@@ -515,10 +516,7 @@ func TestCommandGetsNoStrayFds(t *testing.T) {
 	a := newAPI(control)
 	id := a.post(t, relay, "fds", `"echo up; exec sleep 1006"`)
 	attachStream(t, relay, "fds").until(t, "up")
-	pids := proctest.Sleepers("1006")
-	if len(pids) != 1 {
-		t.Fatalf("sleep 1006: %v", pids)
-	}
+	pids := proctest.WaitSleepers(t, "1006", 1) // "up" comes before the exec
 	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pids[0]))
 	if err != nil {
 		t.Fatal(err)

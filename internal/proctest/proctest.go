@@ -60,6 +60,24 @@ func Sleepers(arg string) []int {
 	return out
 }
 
+// WaitSleepers waits (10 s at most) for n live "sleep ARG" processes and
+// returns their pids: a command that prints and then execs its sleep is
+// seen by its client before the exec.
+func WaitSleepers(t testing.TB, arg string, n int) []int {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		pids := Sleepers(arg)
+		if len(pids) == n {
+			return pids
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sleep %s: %d processes %v after 10 s, want %d", arg, len(pids), pids, n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // ReadUntil reads c until what it read contains s, and returns that; a
 // read error first fails the test.
 func ReadUntil(t testing.TB, c io.Reader, s string) string {
