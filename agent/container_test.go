@@ -1270,16 +1270,9 @@ func TestV2StderrApartInContainers(t *testing.T) {
 		{"join", container.Spec{PID: pid}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s, res := h.v2(t, agent.Spec{Container: tc.c, Process: ptyio.Spec{
+			out, errOut, r, err := h.v2Run(t, agent.Spec{Container: tc.c, Process: ptyio.Spec{
 				Argv: []string{"/bin/sh", "-c", `echo "out $(hostname)"; echo "err $(hostname)" >&2; exit 4`},
-			}}, attach.Config{})
-			var out, errOut proctest.Buffer
-			s.Stdout, s.Stderr = &out, &errOut
-			if err := s.Start(); err != nil {
-				t.Fatal(err)
-			}
-			err := s.Wait()
-			r := wait(t, res, 30*time.Second)
+			}})
 			var ee *attach.ExitError
 			if !errors.As(err, &ee) || ee.Code != 4 {
 				t.Errorf("Wait = %v, want exit status 4", err)
@@ -1288,8 +1281,8 @@ func TestV2StderrApartInContainers(t *testing.T) {
 			if host == "" {
 				host = "dyno-web-2"
 			}
-			if out.String() != "out "+host+"\n" || errOut.String() != "err "+host+"\n" {
-				t.Errorf("stdout %q, stderr %q: want each on its own stream, from inside %s", out.String(), errOut.String(), host)
+			if out != "out "+host+"\n" || errOut != "err "+host+"\n" {
+				t.Errorf("stdout %q, stderr %q: want each on its own stream, from inside %s", out, errOut, host)
 			}
 			if r.Reason != ptyio.ReasonExited || r.ExitCode != 4 {
 				t.Errorf("agent result %v", r)

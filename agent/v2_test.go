@@ -34,6 +34,22 @@ func (h *harness) v2(t *testing.T, spec agent.Spec, cfg attach.Config) (*attach.
 	return s, res
 }
 
+// v2Run runs spec's session over protocol v2 to its end, nothing sent on
+// stdin, and returns what the client got on each stream, the agent's result and
+// Wait's error.
+func (h *harness) v2Run(t *testing.T, spec agent.Spec) (stdout, stderr string, r agent.Result, waitErr error) {
+	t.Helper()
+	s, res := h.v2(t, spec, attach.Config{})
+	var out, errOut proctest.Buffer
+	s.Stdout, s.Stderr = &out, &errOut
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitErr = s.Wait()
+	r = wait(t, res, 30*time.Second)
+	return out.String(), errOut.String(), r, waitErr
+}
+
 // stdout and stderr apart, the exit status with no marker, a signal.
 func TestV2StreamsAndStatus(t *testing.T) {
 	h := newHarness(t, nil)
@@ -45,14 +61,7 @@ func TestV2StreamsAndStatus(t *testing.T) {
 		{"echo dying >&2; kill -9 $$", "", "dying\n", 137, 9},
 		{"echo fine", "fine\n", "", 0, 0},
 	} {
-		s, res := h.v2(t, agent.Spec{Process: ptyio.Spec{Argv: sh(tc.script)}}, attach.Config{})
-		var out, errOut proctest.Buffer
-		s.Stdout, s.Stderr = &out, &errOut
-		if err := s.Start(); err != nil {
-			t.Fatal(err)
-		}
-		err := s.Wait()
-		r := wait(t, res, 30*time.Second)
+		out, errOut, r, err := h.v2Run(t, agent.Spec{Process: ptyio.Spec{Argv: sh(tc.script)}})
 		var ee *attach.ExitError
 		switch {
 		case tc.code == 0 && err != nil:
@@ -60,8 +69,8 @@ func TestV2StreamsAndStatus(t *testing.T) {
 		case tc.code != 0 && (!errors.As(err, &ee) || ee.Code != tc.code || ee.Signal != tc.sig || ee.Reason != "exited"):
 			t.Errorf("%s: Wait = %v, want status %d signal %d", tc.script, err, tc.code, tc.sig)
 		}
-		if out.String() != tc.out || errOut.String() != tc.errOut {
-			t.Errorf("%s: stdout %q stderr %q, want %q %q", tc.script, out.String(), errOut.String(), tc.out, tc.errOut)
+		if out != tc.out || errOut != tc.errOut {
+			t.Errorf("%s: stdout %q stderr %q, want %q %q", tc.script, out, errOut, tc.out, tc.errOut)
 		}
 		if r.Reason != ptyio.ReasonExited || r.ExitCode != tc.code {
 			t.Errorf("%s: agent result %v", tc.script, r)
@@ -133,12 +142,12 @@ func TestV2Resize(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, _ = io.WriteString(pw, "\n")
-	waitFor(t, func() bool { return strings.Contains(out.String(), "30 120") })
+	proctest.WaitFor(t, 20*time.Second, "stty size 30 120", func() bool { return strings.Contains(out.String(), "30 120") })
 	if err := s.Resize(90, 20); err != nil {
 		t.Fatal(err)
 	}
 	_, _ = io.WriteString(pw, "\n")
-	waitFor(t, func() bool { return strings.Contains(out.String(), "20 90") })
+	proctest.WaitFor(t, 20*time.Second, "stty size 20 90", func() bool { return strings.Contains(out.String(), "20 90") })
 	_ = pw.Close()
 	if err := s.Wait(); err != nil {
 		t.Fatalf("Wait: %v (output %q)", err, out.String())
@@ -157,7 +166,7 @@ func TestV2Hangup(t *testing.T) {
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return strings.Contains(out.String(), "ready") })
+	proctest.WaitFor(t, 20*time.Second, "the command ready", func() bool { return strings.Contains(out.String(), "ready") })
 	if err := s.Hangup(); err != nil {
 		t.Fatal(err)
 	}
@@ -253,14 +262,5 @@ func TestV2DeadPeer(t *testing.T) {
 	r := wait(t, res, 30*time.Second)
 	if r.Reason != ptyio.ReasonClientGone || r.Err == nil || !strings.Contains(r.Err.Error(), "peer timeout") {
 		t.Fatalf("result %v: want client_gone for the peer timeout", r)
-	}
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("timed out")
-		}
 	}
 }

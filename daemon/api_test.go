@@ -203,7 +203,7 @@ func TestDrain(t *testing.T) {
 
 	done := make(chan []daemon.View)
 	go func() { done <- d.mgr.Drain(context.Background(), 2*time.Second) }()
-	waitFor(t, func() bool { return d.mgr.Closing() })
+	proctest.WaitFor(t, 10*time.Second, "the manager to close", func() bool { return d.mgr.Closing() })
 	if code, v := d.do(t, "POST", "/v1/sessions", `{"attach_url": "rendezvous://127.0.0.1:1/x", "command": "true"}`); code != 503 {
 		t.Fatalf("POST while draining: %d %v", code, v)
 	}
@@ -229,17 +229,6 @@ func TestDrain(t *testing.T) {
 	}
 	if !strings.Contains(string(notice), "attach-agent: session ended: the agent is shutting down") {
 		t.Fatalf("client of the cut session got %q", notice)
-	}
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("timed out")
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -387,7 +376,7 @@ func TestPanicEndsOneSession(t *testing.T) {
 					t.Errorf("no stack in the worker's log: %s", logs)
 				}
 			}
-			waitFor(t, func() bool { return len(proctest.Sleepers("62")) == 0 })
+			proctest.WaitFor(t, 10*time.Second, "the victim's command to end", func() bool { return len(proctest.Sleepers("62")) == 0 })
 			proctest.WaitSleepers(t, "61", 1) // the survivor's
 			if _, v := d.do(t, "GET", "/v1/sessions/"+survivor, ""); v["state"] != "running" {
 				t.Errorf("survivor: %v", v)

@@ -70,28 +70,7 @@ func warmDial(dial tlsdial.Config) error {
 	deadline := time.Now().Add(time.Second)
 	_ = ln.SetDeadline(deadline)
 	var ours atomic.Int32 // our dial's source port
-	control := dial.Control
-	dial.Control = func(network, address string, rc syscall.RawConn) error {
-		if control != nil {
-			if err := control(network, address, rc); err != nil {
-				return err
-			}
-		}
-		var berr error
-		err := rc.Control(func(fd uintptr) {
-			if berr = unix.Bind(int(fd), &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); berr != nil {
-				return
-			}
-			sa, gerr := unix.Getsockname(int(fd))
-			if in4, ok := sa.(*unix.SockaddrInet4); gerr == nil && ok {
-				ours.Store(int32(in4.Port))
-			}
-		})
-		if err != nil {
-			return err
-		}
-		return berr
-	}
+	dial.Control = bindingSource(dial.Control, &ours)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -108,6 +87,33 @@ func warmDial(dial tlsdial.Config) error {
 	_ = ln.Close()
 	<-done
 	return err
+}
+
+// bindingSource is control (nil: none), then a bind of the socket to
+// 127.0.0.1 on a port of the kernel's choosing, stored in port before the
+// connect goes out: the miniature relay can tell our dial from another's.
+func bindingSource(control func(network, address string, rc syscall.RawConn) error, port *atomic.Int32) func(string, string, syscall.RawConn) error {
+	return func(network, address string, rc syscall.RawConn) error {
+		if control != nil {
+			if err := control(network, address, rc); err != nil {
+				return err
+			}
+		}
+		var berr error
+		err := rc.Control(func(fd uintptr) {
+			if berr = unix.Bind(int(fd), &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); berr != nil {
+				return
+			}
+			sa, gerr := unix.Getsockname(int(fd))
+			if in4, ok := sa.(*unix.SockaddrInet4); gerr == nil && ok {
+				port.Store(int32(in4.Port))
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return berr
+	}
 }
 
 // serveWarm is the relay in miniature: on ln, until deadline, it closes

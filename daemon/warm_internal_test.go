@@ -69,12 +69,11 @@ func TestWarmRelayServesOnlyItsOwnDial(t *testing.T) {
 		}
 		strangerDone <- w
 	}()
-	own, err := net.Dial("tcp", ln.Addr().String())
+	own, err := (&net.Dialer{Control: bindingSource(nil, &ownPort)}).Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer own.Close()
-	ownPort.Store(int32(own.LocalAddr().(*net.TCPAddr).Port))
 	_ = own.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(own, warmSecret+"\r\n"); err != nil {
 		t.Fatal(err)

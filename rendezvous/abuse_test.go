@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 )
@@ -44,7 +45,7 @@ func TestJunkFromOneAddressLocksNobodyOut(t *testing.T) {
 		junk = append(junk, c)
 		_, _ = fmt.Fprintf(c, "junk-secret-%d\r\n", i) // refused ones fail later, or not at all
 	}
-	waitFor(t, "the flood's excess refused", func() bool { return r.Stats().Limited >= 400 })
+	proctest.WaitFor(t, 10*time.Second, "the flood's excess refused", func() bool { return r.Stats().Limited >= 400 })
 	if w := r.Waiting(); w > 100 {
 		t.Errorf("%d junk connections wait for a partner: the per-source cap is 100", w)
 	}
@@ -72,7 +73,7 @@ func waitAlone(t *testing.T, r *rendezvous.Relay, first string) net.Conn {
 	if _, err := io.WriteString(c, first); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "waiter registered", func() bool { return r.Waiting() == 1 })
+	proctest.WaitFor(t, 10*time.Second, "waiter registered", func() bool { return r.Waiting() == 1 })
 	return c
 }
 
@@ -83,7 +84,7 @@ func TestWaitingSideThatClosesIsFreed(t *testing.T) {
 	e := start(t, r)
 	c := waitAlone(t, r, "gone-early\r\n")
 	_ = c.Close()
-	waitFor(t, "waiter freed long before the pair timeout", func() bool { return r.Waiting() == 0 && r.Stats().Unpaired == 1 })
+	proctest.WaitFor(t, 10*time.Second, "waiter freed long before the pair timeout", func() bool { return r.Waiting() == 0 && r.Stats().Unpaired == 1 })
 	e.dial.Plain = true
 	a, b := e.pairBoth(t, "gone-early")
 	if err := transfer(a, b, 1<<10); err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
+	"github.com/attach-agent/attach-agent/internal/proctest"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
 	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
@@ -171,7 +172,7 @@ func TestAckHasARecordOfItsOwn(t *testing.T) {
 		}
 		// Wait until the relay has passed the payload on, so it is queued
 		// behind the ack at the client before the client's first read.
-		waitFor(t, "relay to splice the payload", func() bool {
+		proctest.WaitFor(t, 10*time.Second, "relay to splice the payload", func() bool {
 			return e.relay.Stats().Spliced >= int64(len(payload))
 		})
 		_ = client.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -187,18 +188,6 @@ func TestAckHasARecordOfItsOwn(t *testing.T) {
 		if err != nil || string(buf[:n]) != payload {
 			t.Fatalf("coalesce=%v: second read = %q, %v; want the payload", coalesce, buf[:n], err)
 		}
-	}
-}
-
-// waitFor polls cond for up to 10 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -270,7 +259,7 @@ func TestRelayBounds(t *testing.T) {
 		if time.Since(t0) < 250*time.Millisecond {
 			t.Errorf("dropped after %v, before the 300ms deadline", time.Since(t0))
 		}
-		waitFor(t, "bad first line counted", func() bool { return e.relay.Stats().BadFirstLine == 1 })
+		proctest.WaitFor(t, 10*time.Second, "bad first line counted", func() bool { return e.relay.Stats().BadFirstLine == 1 })
 	})
 	t.Run("2 MiB first line refused", func(t *testing.T) {
 		e := start(t, &rendezvous.Relay{Plain: true})
@@ -281,7 +270,7 @@ func TestRelayBounds(t *testing.T) {
 		defer c.Close()
 		go func() { _, _ = c.Write(bytes.Repeat([]byte("a"), 2<<20)) }() // fails once the relay closes
 		expectClosed(t, c, 10*time.Second)
-		waitFor(t, "bad first line counted", func() bool { return e.relay.Stats().BadFirstLine == 1 })
+		proctest.WaitFor(t, 10*time.Second, "bad first line counted", func() bool { return e.relay.Stats().BadFirstLine == 1 })
 		if s := e.relay.Stats(); s.Paired != 0 || s.Unpaired != 0 {
 			t.Errorf("stats %+v: the long line must not have been taken as a secret", s)
 		}
@@ -332,7 +321,7 @@ func TestRelayBounds(t *testing.T) {
 				if _, err := io.WriteString(c, u.Secret+"\r\n"); err != nil {
 					t.Fatal(err)
 				}
-				waitFor(t, "waiter registered", func() bool { return e.relay.Waiting() == i+1 })
+				proctest.WaitFor(t, 10*time.Second, "waiter registered", func() bool { return e.relay.Waiting() == i+1 })
 				continue
 			}
 			err = c.Pair(context.Background(), u.Secret, 10*time.Second)
@@ -432,7 +421,7 @@ func TestShutdownWaitsForPairs(t *testing.T) {
 	if _, err := io.WriteString(waiter, "lonely\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "waiter registered", func() bool { return r.Waiting() == 1 })
+	proctest.WaitFor(t, 10*time.Second, "waiter registered", func() bool { return r.Waiting() == 1 })
 
 	done := make(chan error, 1)
 	go func() { done <- r.Shutdown(context.Background()) }()

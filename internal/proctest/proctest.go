@@ -1,6 +1,7 @@
 // Package proctest looks at processes and streams for tests: whether a
 // process is gone, which "sleep ARG" processes live, reading a stream up to
-// a marker. One copy for every package's tests.
+// a marker, waiting (bounded) for a condition. One copy for every
+// package's tests.
 package proctest
 
 import (
@@ -30,16 +31,21 @@ func Gone(pid int) bool {
 	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
 }
 
+// WaitFor polls cond every 5 ms until it holds, and fails the test,
+// naming what it waited for, when it does not within the bound.
+func WaitFor(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(within); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+	}
+}
+
 // WaitGone fails the test when pid still runs 10 s from now.
 func WaitGone(t testing.TB, pid int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !Gone(pid) {
-		if time.Now().After(deadline) {
-			t.Fatalf("process %d still running", pid)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	WaitFor(t, 10*time.Second, fmt.Sprintf("process %d to end", pid), func() bool { return Gone(pid) })
 }
 
 // Sleepers are the pids of live "sleep ARG" processes: a test's command
@@ -65,17 +71,12 @@ func Sleepers(arg string) []int {
 // seen by its client before the exec.
 func WaitSleepers(t testing.TB, arg string, n int) []int {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		pids := Sleepers(arg)
-		if len(pids) == n {
-			return pids
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("sleep %s: %d processes %v after 10 s, want %d", arg, len(pids), pids, n)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	var pids []int
+	WaitFor(t, 10*time.Second, fmt.Sprintf("%d live 'sleep %s' processes", n, arg), func() bool {
+		pids = Sleepers(arg)
+		return len(pids) == n
+	})
+	return pids
 }
 
 // ReadUntil reads c until what it read contains s, and returns that; a
