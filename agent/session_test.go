@@ -560,22 +560,34 @@ func TestSlowClientGetsTheTail(t *testing.T) {
 }
 
 // The drain timeout still bounds output that appears after the exit: a
-// background child writing forever does not hold the session.
+// background child writing forever does not hold the session, whether it
+// trickles or floods. (In a pty the leader's exit hangs the terminal up,
+// which ends a background child's writes to it.)
 func TestDrainTimeoutBoundsOutputAfterExit(t *testing.T) {
 	h := newHarness(t, nil)
-	u, res := h.session(t, agent.Spec{
-		Process: ptyio.Spec{Argv: sh(`(while :; do echo bg; sleep 0.02; done) & echo done; exit 0`)},
-		Pump:    ptyio.Config{DrainTimeout: 300 * time.Millisecond, KillGrace: 300 * time.Millisecond},
-	})
-	c := h.client(t, u)
-	got, _ := io.ReadAll(c)
-	_ = c.Close()
-	r := wait(t, res, 30*time.Second)
-	if r.Reason != ptyio.ReasonExited || !strings.Contains(string(got), "done\n") {
-		t.Fatalf("result %v, output %q", r, got)
-	}
-	if r.Timings.Total > 10*time.Second {
-		t.Errorf("a background writer held the session for %v (drain timeout 300ms)", r.Timings.Total)
+	for _, tc := range []struct {
+		name string
+		loop string
+	}{
+		{"trickle", `while :; do echo bg; sleep 0.02; done`},
+		{"flood", `while :; do echo bgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbg; done`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u, res := h.session(t, agent.Spec{
+				Process: ptyio.Spec{Argv: sh(`(` + tc.loop + `) & echo done; exit 0`)},
+				Pump:    ptyio.Config{DrainTimeout: 300 * time.Millisecond, KillGrace: 300 * time.Millisecond},
+			})
+			c := h.client(t, u)
+			got, _ := io.ReadAll(c)
+			_ = c.Close()
+			r := wait(t, res, 30*time.Second)
+			if r.Reason != ptyio.ReasonExited || !strings.Contains(string(got), "done\n") {
+				t.Fatalf("result %v, output %q", r, got)
+			}
+			if r.Timings.Total > 10*time.Second {
+				t.Errorf("a background writer held the session for %v (drain timeout 300ms)", r.Timings.Total)
+			}
+		})
 	}
 }
 

@@ -22,6 +22,10 @@ type outputReader struct {
 	// streaming: the last read filled the buffer, so the next one waits
 	// for the queue the same way before its first read.
 	streaming bool
+	// foundEmpty: a read found the queue empty (EAGAIN; a pty master's
+	// read first waits for the tty's flush work, so nothing is held back
+	// either). Set by read, cleared by its caller.
+	foundEmpty bool
 }
 
 // read blocks until there is output, then reads what is there now, up to
@@ -49,6 +53,7 @@ func (r *outputReader) read(buf []byte) (int, error) {
 				}
 			case e == unix.EINTR:
 			case e == unix.EAGAIN:
+				r.foundEmpty = true
 				return n > 0 // nothing yet: let the poller wait
 			case e == unix.EIO || (m == 0 && e == nil):
 				rerr = io.EOF

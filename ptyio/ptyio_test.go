@@ -7,13 +7,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/attach-agent/attach-agent/internal/leakcheck"
 	"github.com/attach-agent/attach-agent/internal/relaytest"
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+	"golang.org/x/term"
 )
 
 func TestMain(m *testing.M) { leakcheck.Main(m) }
@@ -184,5 +190,123 @@ func TestTeardownOrderRecorded(t *testing.T) {
 				t.Errorf("steps %q: the reason is recorded before the process is ended", steps)
 			}
 		})
+	}
+}
+
+// slowWriter takes a byte every perByte: a client far slower than the
+// drain timeout, on a stream (stderr) the test holds apart.
+type slowWriter struct {
+	perByte time.Duration
+	mu      sync.Mutex
+	buf     bytes.Buffer
+}
+
+func (w *slowWriter) Write(b []byte) (int, error) {
+	time.Sleep(time.Duration(len(b)) * w.perByte) // the slow client, not a synchronisation
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(b)
+}
+
+func (w *slowWriter) bytes() []byte {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return bytes.Clone(w.buf.Bytes())
+}
+
+// Stderr of its own is drained as stdout is: what the process wrote to
+// it before the exit reaches a slow client whole, however long past the
+// drain timeout that takes (its pipe holds 64 KiB at the exit: a second
+// at this client's 64 KiB/s, five times the timeout).
+func TestSlowClientGetsTheStderrTail(t *testing.T) {
+	data := make([]byte, 256<<10)
+	_, _ = rand.Read(data)
+	file := filepath.Join(t.TempDir(), "err")
+	if err := os.WriteFile(file, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	client, agentSide := relaytest.TCPPair(t)
+	p, err := Start(Spec{Argv: []string{"sh", "-c", `cat "$0" >&2; exit 3`, file}, SeparateStderr: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errOut := &slowWriter{perByte: time.Second / (64 << 10)}
+	res := make(chan Result, 1)
+	go func() {
+		res <- Run(context.Background(), agentSide, p, Config{Stderr: errOut, DrainTimeout: 200 * time.Millisecond})
+	}()
+	out, err := io.ReadAll(client)
+	_ = client.Close()
+	r := <-res
+	got := errOut.bytes()
+	if err != nil || len(out) != 0 || !bytes.Equal(got, data) {
+		t.Fatalf("stderr: %d of %d bytes (equal %v); stdout %q, err %v", len(got), len(data), bytes.Equal(got, data), out, err)
+	}
+	if r.Reason != ReasonExited || r.ExitCode != 3 {
+		t.Fatalf("result %+v", r)
+	}
+}
+
+// What a pty holds beyond what TIOCINQ counts is within ttyBufferSlack,
+// which the exit counts as owed: a kernel whose pty holds more fails here
+// rather than cutting a slow client's tail.
+func TestTTYBufferSlackCoversAPty(t *testing.T) {
+	master, tty, err := pty.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer master.Close()
+	defer tty.Close()
+	if _, err := term.MakeRaw(int(tty.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	fd := int(tty.Fd())
+	if err := unix.SetNonblock(fd, true); err != nil {
+		t.Fatal(err)
+	}
+	// Fill it until it takes no more, giving the tty's flush work time to
+	// move bytes on between tries (bounded: 200 tries of 1 ms).
+	chunk := make([]byte, 4<<10)
+	held := 0
+	for try := 0; try < 200; try++ {
+		n, err := unix.Write(fd, chunk)
+		if n > 0 {
+			held += n
+			continue
+		}
+		if err != unix.EAGAIN {
+			t.Fatalf("write to the pty: %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	counted := queued(master, unix.TIOCINQ)
+	t.Logf("a raw pty holds %d bytes, %d of them counted by TIOCINQ", held, counted)
+	if held == 0 || held-counted > ttyBufferSlack {
+		t.Fatalf("a raw pty holds %d bytes, TIOCINQ counts %d: more than ttyBufferSlack (%d) uncounted", held, counted, ttyBufferSlack)
+	}
+}
+
+// The drain timeout bounds what a background child floods into stderr of
+// its own after the exit, as it does stdout.
+func TestDrainTimeoutBoundsStderrAfterExit(t *testing.T) {
+	client, agentSide := relaytest.TCPPair(t)
+	p, err := Start(Spec{Argv: []string{"sh", "-c", `(while :; do echo flood >&2; done) & exit 0`}, SeparateStderr: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := make(chan Result, 1)
+	start := time.Now()
+	go func() {
+		res <- Run(context.Background(), agentSide, p, Config{Stderr: io.Discard, DrainTimeout: 300 * time.Millisecond, KillGrace: 300 * time.Millisecond})
+	}()
+	_, _ = io.ReadAll(client)
+	_ = client.Close()
+	select {
+	case r := <-res:
+		if took := time.Since(start); r.Reason != ReasonExited || took > 10*time.Second {
+			t.Fatalf("result %+v after %v: a background writer held the session (drain timeout 300ms)", r, took)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a background writer on stderr held the session for 30s (drain timeout 300ms)")
 	}
 }

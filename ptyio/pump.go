@@ -191,18 +191,31 @@ type session struct {
 	empty      atomic.Int64
 	exited     atomic.Bool  // set before the drain deadline is first armed
 	exitedAt   atomic.Int64 // ns since start
-	// owed is what the process had written, and not yet been read, when it
-	// exited, less what has been read since: it goes out however long the
-	// client takes (only the stall bound per write ends it); the drain
-	// timeout bounds only what comes after it.
+	out        drain        // the pty master, or the stdout pipe (stderr too unless apart)
+	errOut     drain        // the stderr pipe of its own (Spec.SeparateStderr), if any
+}
+
+// drain is one of the process's output streams after the exit. What the
+// process had written to it, and not yet been read, when it exited is
+// owed: it goes out however long the client takes (only the stall bound
+// per write ends it). The drain timeout bounds only what comes after it
+// (a background child still writing).
+type drain struct {
+	f *os.File
+	// owed is set at the exit, less what has been read since; it drops to
+	// nothing once a read finds the stream empty after the exit, for all
+	// that was there at the exit has then been read.
 	owed atomic.Int64
 }
 
 // ttyBufferSlack is what a pty may hold beyond what TIOCINQ counts: the
-// line discipline's read buffer is counted, the tty layer's buffer (64
-// KiB, TTYB_DEFAULT_MEM_LIMIT) is not. Counted as owed at the exit: an
-// over-count only lets a background child's output past the drain
-// timeout by this much, and a quiet pty still ends the drain at once.
+// line discipline's read buffer (4 KiB) is counted, the bytes the pty
+// driver still holds for it (its flip buffer) are not. A pty in raw mode
+// takes about 14 KiB in all before a writer blocks (measured on Linux
+// 6.18; TestTTYBufferSlackCoversAPty pins it). Counted as owed at every
+// exit: an over-count lets a background child's output past the drain
+// timeout by at most this much, never for longer, since a read that finds
+// the pty empty ends what is owed.
 const ttyBufferSlack = 64 << 10
 
 // ErrHangUp is the client ending its stream on a wire where that means it
@@ -245,6 +258,7 @@ func (s *session) touch() { s.lastActive.Store(int64(time.Since(s.start))) }
 func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 	cfg = cfg.withDefaults()
 	s := &session{s: st, p: p, cfg: cfg, start: time.Now()}
+	s.out.f, s.errOut.f = p.master, p.stderr
 	s.touch()
 
 	inDone := make(chan error, 1)
@@ -331,13 +345,15 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		case <-procDone:
 			ps.process = processExited
 			step("exited")
-			owed := int64(queued(p.master, unix.TIOCINQ)) // FIONREAD for a pipe
-			if p.tty && owed > 0 {
-				// A full line discipline buffer can have more behind it; an
-				// empty one at the exit does not stretch the drain.
+			// TIOCINQ is FIONREAD: exact for a pipe; a pty can hold more.
+			owed := int64(queued(p.master, unix.TIOCINQ))
+			if p.tty {
 				owed += ttyBufferSlack
 			}
-			s.owed.Store(owed)
+			s.out.owed.Store(owed)
+			if p.stderr != nil {
+				s.errOut.owed.Store(int64(queued(p.stderr, unix.TIOCINQ)))
+			}
 			s.exitedAt.Store(int64(time.Since(s.start)))
 			s.exited.Store(true)
 			// Bound the drain: a background child can hold the pty open.
@@ -597,6 +613,7 @@ func (s *session) output() error {
 		// be cut by the drain bound (CI saw exactly 32 KiB lost so, under
 		// load). A read the exit overtakes is not taken off: owed errs long.
 		exitedBefore := s.exited.Load()
+		r.foundEmpty = false
 		n, err := r.read(buf[:len(buf)-s.cfg.WriteOverhead])
 		if s.cfg.Fault != nil {
 			s.cfg.Fault("output")
@@ -604,11 +621,9 @@ func (s *session) output() error {
 		if n > 0 {
 			empty = 0
 			s.touch()
-			if exitedBefore {
-				s.owed.Add(-int64(n))
-			}
+			s.out.took(n, exitedBefore, r.foundEmpty)
 			if s.exited.Load() {
-				s.extendDrain()
+				s.extendDrain(&s.out)
 			}
 			// The stall bound is per write: a write that makes no
 			// progress for StallTimeout fails with a deadline error.
@@ -636,10 +651,8 @@ func (s *session) output() error {
 		case errors.Is(err, io.EOF), isClosed(err):
 			return nil
 		case isTimeout(err) && s.exited.Load():
-			// Output still queued (we were slow to come back from a write)
-			// goes out: all that was owed at the exit, and what came after
-			// within the drain bound.
-			if queued(s.p.master, unix.TIOCINQ) > 0 && s.extendDrain() {
+			s.out.took(0, exitedBefore, r.foundEmpty)
+			if s.readOn(&s.out) {
 				continue
 			}
 			return nil // quiet, or the drain bound is reached with nothing owed
@@ -649,21 +662,42 @@ func (s *session) output() error {
 	}
 }
 
-// extendDrain moves the drain deadline to DrainQuiet from now; past
+// took counts n bytes read from d: off what is owed if the exit came
+// before the read began; and if the read found d empty after the exit,
+// nothing is owed any more (what the exit left has all been read).
+func (d *drain) took(n int, exitedBefore, foundEmpty bool) {
+	switch {
+	case !exitedBefore:
+	case foundEmpty:
+		d.owed.Store(0)
+	default:
+		d.owed.Add(-int64(n))
+	}
+}
+
+// readOn reports, when a read of d met its deadline after the exit,
+// whether to read d on: while output written before the exit is owed
+// (we were slow to come back from a write), or more is queued within the
+// drain bound; the deadline is moved on then.
+func (s *session) readOn(d *drain) bool {
+	return (d.owed.Load() > 0 || queued(d.f, unix.TIOCINQ) > 0) && s.extendDrain(d)
+}
+
+// extendDrain moves d's read deadline to DrainQuiet from now; past
 // DrainTimeout after the exit only while output written before the exit
-// is still owed. It reports false once the drain is over.
-func (s *session) extendDrain() bool {
+// is still owed on d. It reports false once d's drain is over.
+func (s *session) extendDrain(d *drain) bool {
 	now := time.Now()
 	next := now.Add(s.cfg.DrainQuiet)
-	if s.owed.Load() <= 0 {
+	if d.owed.Load() <= 0 {
 		limit := s.start.Add(time.Duration(s.exitedAt.Load()) + s.cfg.DrainTimeout)
 		if !now.Before(limit) {
-			_ = s.p.master.SetReadDeadline(limit)
+			_ = d.f.SetReadDeadline(limit)
 			return false
 		}
 		next = earliest(next, limit)
 	}
-	_ = s.p.master.SetReadDeadline(next)
+	_ = d.f.SetReadDeadline(next)
 	return true
 }
 
@@ -751,11 +785,13 @@ func (s *session) input() error {
 func (s *session) copyStderr() error {
 	buf := make([]byte, BufSize)
 	for {
+		exitedBefore := s.exited.Load() // as in output
 		n, err := s.p.stderr.Read(buf[:len(buf)-s.cfg.WriteOverhead])
 		if n > 0 {
 			s.touch()
+			s.errOut.took(n, exitedBefore, false)
 			if s.exited.Load() {
-				s.extendDrain()
+				s.extendDrain(&s.errOut)
 			}
 			_ = s.s.SetWriteDeadline(time.Now().Add(s.cfg.StallTimeout))
 			w, werr := s.cfg.Stderr.Write(buf[:n])
@@ -764,7 +800,10 @@ func (s *session) copyStderr() error {
 				return &streamWriteError{werr}
 			}
 		}
-		if err != nil {
+		switch {
+		case err == nil:
+		case isTimeout(err) && s.exited.Load() && s.readOn(&s.errOut):
+		default:
 			return nil // EOF, the drain bound, or our close
 		}
 	}
