@@ -412,6 +412,7 @@ func abort(s *side, reset bool) {
 func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 	defer r.untrack(raw)
 	s := &side{conn: raw, raw: raw}
+	firstLineBy := time.Now().Add(orDur(r.FirstLineTimeout, DefaultFirstLineTimeout)) // the handshake included
 	// The client's handshake flight and its secret line, each small, must
 	// not wait for our delayed ACK when it runs Nagle's algorithm.
 	quickAck(raw)
@@ -424,7 +425,7 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 		s.conn = tls.Server(s.batch, tcfg)
 	}
 	if tc, ok := s.conn.(*tls.Conn); ok {
-		_ = tc.SetDeadline(time.Now().Add(orDur(r.FirstLineTimeout, DefaultFirstLineTimeout)))
+		_ = tc.SetDeadline(firstLineBy)
 		if err := tc.Handshake(); err != nil {
 			r.stats.BadFirstLine.Add(1)
 			r.log().Info("relay: dropped connection", "remote", raw.RemoteAddr().String(), "err", err)
@@ -434,7 +435,7 @@ func (r *Relay) handle(raw net.Conn, src string, tcfg *tls.Config) {
 		_ = tc.SetDeadline(time.Time{})
 		quickAck(raw) // again: the kernel turns it off; the secret line comes next
 	}
-	secret, err := r.readFirstLine(s.conn)
+	secret, err := r.readFirstLine(s.conn, firstLineBy)
 	if err != nil {
 		r.stats.BadFirstLine.Add(1)
 		r.log().Info("relay: dropped connection", "remote", raw.RemoteAddr().String(), "err", err)
@@ -568,9 +569,9 @@ func (r *Relay) refuse(s *side, fp, why string) {
 
 // readFirstLine reads the secret: up to "\r\n" or "\n", or, for clients
 // that send no terminator, whatever arrived before BareSecretWait of quiet.
-// It reads one byte at a time so nothing behind the line is consumed.
-func (r *Relay) readFirstLine(c net.Conn) (string, error) {
-	deadline := time.Now().Add(orDur(r.FirstLineTimeout, DefaultFirstLineTimeout))
+// It reads one byte at a time so nothing behind the line is consumed. The
+// line must be in by deadline (FirstLineTimeout from the accept).
+func (r *Relay) readFirstLine(c net.Conn, deadline time.Time) (string, error) {
 	bare := orDur(r.BareSecretWait, DefaultBareSecretWait)
 	if err := c.SetReadDeadline(deadline); err != nil {
 		return "", err

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/attach-agent/attach-agent/wire"
@@ -66,6 +67,9 @@ func (c *Conn) Pair(ctx context.Context, secret string, timeout time.Duration) e
 		return &PairError{Waited: time.Since(t0), Err: err}
 	}
 	if _, err := io.WriteString(c.Conn, secret+"\r\n"); err != nil {
+		if isReset(err) {
+			return fail(closedBeforePairing(err))
+		}
 		return fail(fmt.Errorf("send secret: %w", err))
 	}
 	var line []byte
@@ -88,10 +92,10 @@ func (c *Conn) Pair(ctx context.Context, secret string, timeout time.Duration) e
 			}
 			continue
 		}
-		if errors.Is(err, io.EOF) {
-			if len(line) == 0 {
-				return fail(errors.New("relay closed the connection before pairing (secret refused or expired?)"))
-			}
+		switch {
+		case len(line) == 0 && (errors.Is(err, io.EOF) || isReset(err)):
+			return fail(closedBeforePairing(err))
+		case errors.Is(err, io.EOF):
 			return fail(fmt.Errorf("relay closed the connection after %s", quoteLine(line)))
 		}
 		return fail(err)
@@ -100,6 +104,22 @@ func (c *Conn) Pair(ctx context.Context, secret string, timeout time.Duration) e
 		return nil
 	}
 	return fail(fmt.Errorf("relay answered %s, not the ack %q", quoteLine(line), wire.Ack))
+}
+
+// closedBeforePairing is the relay ending the connection before its ack:
+// with a FIN (io.EOF, nothing more to say) or a reset (the error kept).
+func closedBeforePairing(err error) error {
+	const msg = "relay closed the connection before pairing (secret refused or expired, or the secret came after " +
+		"the relay's first-line timeout, which a relay under load can cause: try again)"
+	if errors.Is(err, io.EOF) {
+		return errors.New(msg)
+	}
+	return fmt.Errorf("%s: %w", msg, err)
+}
+
+// isReset: the peer has reset or closed the connection under a write.
+func isReset(err error) bool {
+	return errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
 }
 
 func quoteLine(b []byte) string {
