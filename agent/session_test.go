@@ -561,28 +561,34 @@ func TestSlowClientGetsTheTail(t *testing.T) {
 
 // The drain timeout still bounds output that appears after the exit: a
 // background child writing forever does not hold the session, whether it
-// trickles or floods. (In a pty the leader's exit hangs the terminal up,
-// which ends a background child's writes to it.)
+// trickles or floods, in pipes or in a pty (where the exit counts more as
+// owed than TIOCINQ shows; the leader's exit sends the foreground group
+// SIGHUP, which the child ignores, as a hostile one would).
 func TestDrainTimeoutBoundsOutputAfterExit(t *testing.T) {
 	h := newHarness(t, nil)
+	const (
+		// Ignored before the fork, so the child has it from its start.
+		trickle = `trap '' HUP; (while :; do echo bg; sleep 0.02; done) & echo done; exit 0`
+		flood   = `trap '' HUP; (while :; do echo bgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbg; done) & echo done; exit 0`
+	)
 	for _, tc := range []struct {
-		name string
-		loop string
-	}{
-		{"trickle", `while :; do echo bg; sleep 0.02; done`},
-		{"flood", `while :; do echo bgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbgbg; done`},
-	} {
+		name   string
+		script string
+		tty    bool
+	}{{"pipes trickle", trickle, false}, {"pipes flood", flood, false}, {"pty trickle", trickle, true}, {"pty flood", flood, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			u, res := h.session(t, agent.Spec{
-				Process: ptyio.Spec{Argv: sh(`(` + tc.loop + `) & echo done; exit 0`)},
+				Process: ptyio.Spec{Argv: sh(tc.script), TTY: tc.tty},
 				Pump:    ptyio.Config{DrainTimeout: 300 * time.Millisecond, KillGrace: 300 * time.Millisecond},
 			})
 			c := h.client(t, u)
 			got, _ := io.ReadAll(c)
 			_ = c.Close()
 			r := wait(t, res, 30*time.Second)
-			if r.Reason != ptyio.ReasonExited || !strings.Contains(string(got), "done\n") {
-				t.Fatalf("result %v, output %q", r, got)
+			// The child's output after the exit came, so the drain is what
+			// ended the session, not a hang-up of the pty.
+			if r.Reason != ptyio.ReasonExited || !strings.Contains(string(got), "done") || !strings.Contains(string(got), "bg") {
+				t.Fatalf("result %v, output %q", r, got[:min(len(got), 200)])
 			}
 			if r.Timings.Total > 10*time.Second {
 				t.Errorf("a background writer held the session for %v (drain timeout 300ms)", r.Timings.Total)

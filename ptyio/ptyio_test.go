@@ -310,3 +310,36 @@ func TestDrainTimeoutBoundsStderrAfterExit(t *testing.T) {
 		t.Fatal("a background writer on stderr held the session for 30s (drain timeout 300ms)")
 	}
 }
+
+// A byte the exit counted as owed on stderr of its own, but that a read
+// begun before the exit took (so not off what is owed), is not owed for
+// ever: the read that then finds the pipe empty ends what is owed, and a
+// silent pipe held open by a background child ends the drain. Before, the
+// drain waited on that byte, and Run on the drain, for good.
+func TestStderrOverCountedAtTheExitEnds(t *testing.T) {
+	_, agentSide := relaytest.TCPPair(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close() // held open, silent: the background child
+	cfg := Config{Stderr: io.Discard, DrainTimeout: 300 * time.Millisecond}.withDefaults()
+	s := &session{s: agentSide, p: &Process{stderr: r}, cfg: cfg, start: time.Now()}
+	s.errOut.f = r
+	s.errOut.owed.Store(1) // what the race at the exit leaves
+	s.exited.Store(true)
+	_ = r.SetReadDeadline(time.Now().Add(cfg.DrainQuiet))
+	done := make(chan error, 1)
+	go func() { done <- s.copyStderr() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		_ = r.Close() // ends the copy
+		<-done
+		t.Fatal("stderr's drain still waited for an over-counted byte after 30s (drain timeout 300ms)")
+	}
+}

@@ -159,8 +159,16 @@ func (c Config) Validate() error {
 			return fmt.Errorf("%s is negative (%v): use a positive duration, or zero for the default", name, v)
 		}
 	}
+	// Each read of the drain gets DrainQuiet: one shorter than a wake-up
+	// would time out before it reads, and the drain would spin.
+	if c.DrainQuiet > 0 && c.DrainQuiet < minDrainQuiet {
+		return fmt.Errorf("drain quiet %v is under %v, too short for a read to happen in: use %v or more, or zero for the default (%v)",
+			c.DrainQuiet, minDrainQuiet, minDrainQuiet, DefaultDrainQuiet)
+	}
 	return nil
 }
+
+const minDrainQuiet = time.Millisecond
 
 // Result is what happened to a session once Run returns.
 type Result struct {
@@ -279,8 +287,11 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		}()
 		outDone <- s.output()
 	}()
+	var ps pumpState
+	ps.stderr = outputOver
 	errDone := make(chan error, 1)
 	if p.stderr != nil && cfg.Stderr != nil {
+		ps.stderr = outputFlowing
 		go func() {
 			defer func() {
 				if err := Recovered("stderr -> stream", recover()); err != nil {
@@ -289,12 +300,9 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			}()
 			errDone <- s.copyStderr()
 		}()
-	} else {
-		errDone <- nil
 	}
 
 	var (
-		ps         pumpState
 		reason     Reason
 		detail     error
 		streamDead bool
@@ -327,6 +335,20 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 			}()
 		}
 		step("ending: " + string(r))
+	}
+	// The end of an output copy (stdout, or stderr of its own, which goes
+	// to the same stream): its failure ends the session.
+	outputEnded := func(err error) {
+		var we *streamWriteError
+		var pe *PanicError
+		switch {
+		case errors.As(err, &pe):
+			end(ReasonAgentError, err)
+		case errors.As(err, &we) && isTimeout(we.err):
+			end(ReasonStalled, fmt.Errorf("output blocked for %v: %w", cfg.StallTimeout, we.err))
+		case errors.As(err, &we):
+			end(ReasonClientGone, err)
+		}
 	}
 	idle := newTimer(cfg.IdleTimeout)
 	defer idle.Stop()
@@ -364,16 +386,11 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 		case err := <-outDone:
 			ps.output = outputOver
 			step("output over")
-			var we *streamWriteError
-			var pe *PanicError
-			switch {
-			case errors.As(err, &pe):
-				end(ReasonAgentError, err)
-			case errors.As(err, &we) && isTimeout(we.err):
-				end(ReasonStalled, fmt.Errorf("output blocked for %v: %w", cfg.StallTimeout, we.err))
-			case errors.As(err, &we):
-				end(ReasonClientGone, err)
-			}
+			outputEnded(err)
+		case err := <-errDone:
+			ps.stderr = outputOver
+			step("stderr over")
+			outputEnded(err)
 		case err := <-inC:
 			ps.input = inputOver
 			step("input over")
@@ -407,12 +424,6 @@ func Run(ctx context.Context, st Stream, p *Process, cfg Config) Result {
 	}
 	if reason == "" {
 		reason = ReasonExited
-	}
-	if err := <-errDone; err != nil && detail == nil {
-		var pe *PanicError
-		if errors.As(err, &pe) {
-			reason, detail = ReasonAgentError, err
-		}
 	}
 	code, sig := p.ExitStatus()
 	step("drained")
@@ -559,6 +570,7 @@ func (s *session) reapGroup() {
 type pumpState struct {
 	input   inputState
 	output  outputState
+	stderr  outputState // over from the start when stderr is not apart
 	process processState
 }
 
@@ -583,7 +595,9 @@ const (
 	processExited
 )
 
-func (ps pumpState) pumpOver() bool { return ps.output == outputOver && ps.process == processExited }
+func (ps pumpState) pumpOver() bool {
+	return ps.output == outputOver && ps.stderr == outputOver && ps.process == processExited
+}
 
 // streamWriteError marks a failure to write to the stream (as opposed to
 // reading from the process).
@@ -784,12 +798,18 @@ func (s *session) input() error {
 // cfg.Stderr until its end, or the drain bound after the exit.
 func (s *session) copyStderr() error {
 	buf := make([]byte, BufSize)
+	rc, err := s.p.stderr.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("stderr -> stream: %w", err)
+	}
+	r := &outputReader{rc: rc}
 	for {
 		exitedBefore := s.exited.Load() // as in output
-		n, err := s.p.stderr.Read(buf[:len(buf)-s.cfg.WriteOverhead])
+		r.foundEmpty = false
+		n, err := r.read(buf[:len(buf)-s.cfg.WriteOverhead])
 		if n > 0 {
 			s.touch()
-			s.errOut.took(n, exitedBefore, false)
+			s.errOut.took(n, exitedBefore, r.foundEmpty)
 			if s.exited.Load() {
 				s.extendDrain(&s.errOut)
 			}
@@ -802,9 +822,13 @@ func (s *session) copyStderr() error {
 		}
 		switch {
 		case err == nil:
-		case isTimeout(err) && s.exited.Load() && s.readOn(&s.errOut):
+		case isTimeout(err) && s.exited.Load():
+			s.errOut.took(0, exitedBefore, r.foundEmpty)
+			if !s.readOn(&s.errOut) {
+				return nil // quiet, or the drain bound is reached with nothing owed
+			}
 		default:
-			return nil // EOF, the drain bound, or our close
+			return nil // EOF, or our close
 		}
 	}
 }
