@@ -93,6 +93,7 @@ type Timings struct {
 	FirstOutput time.Duration
 	Total       time.Duration
 	Attempts    int
+	TLSResumed  bool `json:",omitempty"` // the relay's TLS session was resumed
 }
 
 // Result is how a session ended. Err is never nil unless Reason is exited.
@@ -221,7 +222,7 @@ func run(ctx context.Context, spec Spec, log *slog.Logger, t0 time.Time) (res Re
 		return fail(ReasonDialFailed, err)
 	}
 	res.Timings.Connect, res.Timings.TLS, res.Timings.Dial = conn.Timings.Connect, conn.Timings.TLS, conn.Timings.Dial
-	res.Timings.Attempts = conn.Timings.Attempts
+	res.Timings.Attempts, res.Timings.TLSResumed = conn.Timings.Attempts, conn.Timings.Resumed
 	if conn.Slow() {
 		res.SlowDial = true
 		log.Warn("slow relay handshake", "secret_fp", spec.URL.Fingerprint(),
@@ -384,6 +385,9 @@ func LogResult(log *slog.Logger, a About, r Result) {
 	}
 	if r.Signal != 0 {
 		attrs = append(attrs, "signal", r.Signal.String())
+	}
+	if r.Timings.TLSResumed {
+		attrs = append(attrs, "tls_resumed", true)
 	}
 	if a.User != "" {
 		attrs = append(attrs, "user", a.User)

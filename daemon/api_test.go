@@ -2,12 +2,14 @@ package daemon_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -411,5 +413,38 @@ func TestAPIRootfsUnderResolvesLinks(t *testing.T) {
 		if code, v := d.do(t, "POST", "/v1/sessions", body); code != http.StatusForbidden || !strings.Contains(fmt.Sprint(v["error"]), "--rootfs-under") {
 			t.Errorf("rootfs %s: %d %v, want 403 naming --rootfs-under", rootfs, code, v)
 		}
+	}
+}
+
+// A worker's dial resumes the TLS session the worker before it had with
+// the same relay (the daemon carries it from one to the next): only the
+// first session's handshake is a full one, and the end line says which.
+func TestWorkersResumeTheRelaySession(t *testing.T) {
+	d := newDaemon(t, nil)
+	var resumed []bool
+	for i := range 3 {
+		secret := fmt.Sprintf("resume-secret-%d", i)
+		id := d.post(t, secret, `"command": "echo up", "tty": false`)
+		c := d.attach(t, secret)
+		if got, err := io.ReadAll(c); err != nil || string(got) != "up\n" {
+			t.Fatalf("session %d: client got %q, %v", i, got, err)
+		}
+		_ = c.Close()
+		if code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", ""); code != 200 || v["reason"] != "exited" {
+			t.Fatalf("session %d: %d %v", i, code, v)
+		}
+		var line map[string]any
+		proctest.WaitFor(t, 10*time.Second, "the session's end line", func() bool {
+			for _, l := range strings.Split(d.logs.String(), "\n") {
+				if strings.Contains(l, `"session ended"`) && strings.Contains(l, id) {
+					return json.Unmarshal([]byte(l), &line) == nil
+				}
+			}
+			return false
+		})
+		resumed = append(resumed, line["tls_resumed"] == true)
+	}
+	if !slices.Equal(resumed, []bool{false, true, true}) {
+		t.Fatalf("TLS sessions resumed: %v, want the first a full handshake and the others resumed", resumed)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/container"
 	"github.com/attach-agent/attach-agent/ptyio"
+	"github.com/attach-agent/attach-agent/tlsdial"
 )
 
 // View is what the API shows of a session. It never holds the secret.
@@ -86,8 +87,9 @@ type Manager struct {
 	spares    chan *spare
 	spareStop chan struct{}
 	spareDone chan struct{}
-	taken     chan struct{} // a spare was taken
-	refill    chan struct{} // a session that took one is running: start the next
+	taken     chan struct{}   // a spare was taken
+	refill    chan struct{}   // a session that took one is running: start the next
+	tickets   tlsdial.Tickets // the newest TLS session a worker had per relay name, for the next
 }
 
 // spareDelay is the longest a taken spare's replacement waits for its
@@ -351,7 +353,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		m.workerFailed()
 		return fail(err)
 	}
-	rec, err := m.hand(sp, order{ID: s.id, Request: req, Caller: &caller, DenyRoot: !a.AllowRootUser})
+	rec, err := m.hand(sp, order{ID: s.id, Request: req, Caller: &caller, DenyRoot: !a.AllowRootUser}, tlsdial.TicketKey(nil, spec.URL))
 	if err != nil {
 		m.workerFailed()
 		sp.kill()
@@ -384,9 +386,14 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	return m.view(s), nil
 }
 
-// hand gives a worker its order and waits (bounded) for its record.
-func (m *Manager) hand(sp *spare, o order) (record, error) {
-	if err := sp.link.send(message{Type: "order", Order: &o}); err != nil {
+// hand gives a worker its order, with the newest TLS session a worker
+// had with its relay (ticketKey), and waits (bounded) for its record.
+func (m *Manager) hand(sp *spare, o order, ticketKey string) (record, error) {
+	msg := message{Type: "order", Order: &o}
+	if t, err := m.tickets.Export(ticketKey); err == nil && t != nil {
+		msg.TicketKey, msg.Ticket = ticketKey, t
+	}
+	if err := sp.link.send(msg); err != nil {
 		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
 	}
 	_ = sp.link.c.SetReadDeadline(time.Now().Add(m.cfg.SetupTimeout))
@@ -415,6 +422,9 @@ func (m *Manager) listen(s *managed, l *link) {
 			select {
 			case m.refill <- struct{}{}:
 			default:
+			}
+			if msg.TicketKey != "" && len(msg.Ticket) > 0 {
+				_ = m.tickets.Import(msg.TicketKey, msg.Ticket) // one that does not parse is not kept
 			}
 		}
 	}

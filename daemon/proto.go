@@ -17,11 +17,13 @@ import (
 // version apart still understand what both know.
 //
 //	daemon -> worker  {"type":"setup","config":{...}}        first, at the worker's start (pair only)
-//	daemon -> worker  {"type":"order","order":{...}}         a session to run (pair only; the secret is in it)
+//	daemon -> worker  {"type":"order","order":{...}}         a session to run (pair only; the secret is in it),
+//	                                                         with the newest TLS session ticket for its relay
 //	worker -> daemon  {"type":"accepted","record":{...}}     the record is written, the session runs
 //	worker -> daemon  {"type":"refused","error":"..."}       it does not, and the worker exits
 //	worker -> daemon  {"type":"hello","record":{...}}        to each daemon on its control socket
-//	worker -> daemon  {"type":"running"}                     the first output byte went out
+//	worker -> daemon  {"type":"running"}                     the first output byte went out (with the
+//	                                                         relay's TLS session ticket, for the next)
 //	daemon -> worker  {"type":"end","cause":"killed"}        or "shutdown": end the session so
 //	worker -> daemon  {"type":"ended","result":{...}}        result.json is written; the worker exits
 type message struct {
@@ -35,6 +37,11 @@ type message struct {
 	Result *result `json:"result,omitempty"`
 	Cause  string  `json:"cause,omitempty"`
 	Error  string  `json:"error,omitempty"`
+	// With running (worker to daemon) and order (daemon to worker): a TLS
+	// session to resume with the relay named (tlsdial.Tickets), so that a
+	// fresh worker's dial is not a full handshake.
+	TicketKey string `json:"ticket_key,omitempty"`
+	Ticket    []byte `json:"ticket,omitempty"`
 }
 
 // order is a session for a worker: the request as the API took it (the

@@ -118,6 +118,11 @@ func runWorker() int {
 	if m.Warm && tlsErr == nil {
 		warmUp(cfg, key, dial)
 	}
+	// After the warm-up, whose miniature relay's session is not one to keep.
+	tickets := &tlsdial.Tickets{}
+	if dial.TLS != nil {
+		dial.TLS.ClientSessionCache = tickets
+	}
 	// The record's pid and start time, read before the order comes.
 	self, selfErr := container.StartTime(os.Getpid())
 	// A spare waits here, set up, until a session is ordered or its
@@ -127,8 +132,11 @@ func runWorker() int {
 		return 0
 	}
 	o := *m.Order
+	if len(m.Ticket) > 0 {
+		_ = tickets.Import(m.TicketKey, m.Ticket) // one that does not parse: a full handshake
+	}
 	time.AfterFunc(startBound, settle)
-	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key}
+	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key, tickets: tickets}
 	if selfErr != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: "the worker's own start time: " + selfErr.Error()})
 		return 1
@@ -193,6 +201,9 @@ type worker struct {
 	key    []byte // the host's key for secretHash
 	start  string // this process's start time (container.StartTime)
 
+	tickets   *tlsdial.Tickets // the session's dial's TLS session cache
+	ticketKey string           // its relay's name there
+
 	mu    sync.Mutex
 	links []*link
 }
@@ -208,6 +219,7 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 		return spec, err
 	}
 	spec.Dial.TLS, spec.ID, spec.Caller, spec.DenyRoot = dial.TLS, o.ID, o.Caller, o.DenyRoot
+	w.ticketKey = tlsdial.TicketKey(dial.TLS, spec.URL)
 	if point := o.Request.Labels[w.cfg.FaultLabel]; w.cfg.FaultLabel != "" && point != "" {
 		spec.Fault = func(p string) {
 			if p == point {
@@ -326,9 +338,16 @@ func (w *worker) drop(l *link) {
 	l.close()
 }
 
+// broadcastRunning tells the daemons the session runs, with the relay's
+// TLS session for the next worker's dial (it came with the handshake and
+// was read before the ack).
 func (w *worker) broadcastRunning() {
+	m := message{Type: "running"}
+	if t, err := w.tickets.Export(w.ticketKey); err == nil && t != nil {
+		m.TicketKey, m.Ticket = w.ticketKey, t
+	}
 	for _, l := range w.linksNow() {
-		_ = l.send(message{Type: "running"})
+		_ = l.send(m)
 	}
 }
 

@@ -115,6 +115,7 @@ type Timings struct {
 	Dial     time.Duration // all attempts, back-off included, until TLS was up
 	Pair     time.Duration // secret sent until the ack was read
 	Attempts int           // connect attempts made
+	Resumed  bool          // the TLS session was resumed (Config.TLS.ClientSessionCache)
 }
 
 // Conn is a connection to the relay. After Pair it is a plain byte stream to
@@ -273,6 +274,7 @@ func dialOnce(ctx context.Context, u URL, cfg Config, tcfg *tls.Config) (*Conn, 
 	}
 	c.Conn, c.batch = tc, bw
 	c.Timings.TLS = time.Since(t1)
+	c.Timings.Resumed = tc.ConnectionState().DidResume
 	return c, nil
 }
 

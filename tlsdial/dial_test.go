@@ -22,7 +22,7 @@ import (
 func TestMain(m *testing.M) { leakcheck.Main(m) }
 
 // fakeRelay serves TLS on loopback and runs fn for each connection.
-func fakeRelay(t *testing.T, fn func(c net.Conn)) (tlsdial.URL, *tls.Config) {
+func fakeRelay(t testing.TB, fn func(c net.Conn)) (tlsdial.URL, *tls.Config) {
 	t.Helper()
 	certs, err := rendezvous.NewSelfSignedCerts(rendezvous.DefaultHosts)
 	if err != nil {
@@ -54,7 +54,7 @@ func fakeRelay(t *testing.T, fn func(c net.Conn)) (tlsdial.URL, *tls.Config) {
 	return urlFor(t, ln.Addr(), "s3cret"), &tls.Config{RootCAs: certs.CAPool}
 }
 
-func urlFor(t *testing.T, a net.Addr, secret string) tlsdial.URL {
+func urlFor(t testing.TB, a net.Addr, secret string) tlsdial.URL {
 	t.Helper()
 	ta := a.(*net.TCPAddr)
 	return tlsdial.URL{Host: ta.IP.String(), Port: ta.Port, Secret: secret}
