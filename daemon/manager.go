@@ -89,7 +89,7 @@ type Manager struct {
 	spareDone chan struct{}
 	taken     chan struct{}   // a spare was taken
 	refill    chan struct{}   // a session that took one is running: start the next
-	tickets   tlsdial.Tickets // the newest TLS session a worker had per relay name, for the next
+	tickets   tlsdial.Carried // the newest TLS session a worker had per relay name, for the next
 }
 
 // spareDelay is the longest a taken spare's replacement waits for its
@@ -353,7 +353,8 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		m.workerFailed()
 		return fail(err)
 	}
-	rec, err := m.hand(sp, order{ID: s.id, Request: req, Caller: &caller, DenyRoot: !a.AllowRootUser}, tlsdial.TicketKey(nil, spec.URL))
+	relay := tlsdial.TicketKey(nil, spec.URL) // the relay's name, for its TLS sessions
+	rec, err := m.hand(sp, order{ID: s.id, Request: req, Caller: &caller, DenyRoot: !a.AllowRootUser}, relay)
 	if err != nil {
 		m.workerFailed()
 		sp.kill()
@@ -382,17 +383,15 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	m.log.Info("session started", "session_id", s.id, "secret_fp", rec.About.SecretFP, "relay", rec.About.Relay,
 		"caller_uid", caller.UID, "caller_pid", caller.PID, "worker_pid", rec.PID)
 	go m.watch(s)
-	go m.listen(s, sp.link)
+	go m.listen(s, sp.link, relay)
 	return m.view(s), nil
 }
 
 // hand gives a worker its order, with the newest TLS session a worker
-// had with its relay (ticketKey), and waits (bounded) for its record.
-func (m *Manager) hand(sp *spare, o order, ticketKey string) (record, error) {
+// had with its relay, and waits (bounded) for its record.
+func (m *Manager) hand(sp *spare, o order, relay string) (record, error) {
 	msg := message{Type: "order", Order: &o}
-	if t, err := m.tickets.Export(ticketKey); err == nil && t != nil {
-		msg.TicketKey, msg.Ticket = ticketKey, t
-	}
+	msg.Ticket = m.tickets.For(relay)
 	if err := sp.link.send(msg); err != nil {
 		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
 	}
@@ -411,8 +410,12 @@ func (m *Manager) hand(sp *spare, o order, ticketKey string) (record, error) {
 }
 
 // listen reads what a worker says until the link ends; the end itself is
-// seen by watch, from the process.
-func (m *Manager) listen(s *managed, l *link) {
+// seen by watch, from the process. A TLS session it reports is kept for
+// relay's next worker when relay is named: only for a worker this daemon
+// started, on the socket pair it made, never one a control socket in the
+// state directory answers for (what the next worker imports is trusted as
+// a verified chain: tlsdial.Tickets).
+func (m *Manager) listen(s *managed, l *link, relay string) {
 	for {
 		msg, err := l.recv()
 		if err != nil {
@@ -423,9 +426,7 @@ func (m *Manager) listen(s *managed, l *link) {
 			case m.refill <- struct{}{}:
 			default:
 			}
-			if msg.TicketKey != "" && len(msg.Ticket) > 0 {
-				_ = m.tickets.Import(msg.TicketKey, msg.Ticket) // one that does not parse is not kept
-			}
+			m.tickets.Keep(relay, msg.Ticket)
 		}
 	}
 }
@@ -588,7 +589,7 @@ func (m *Manager) Adopt() (adopted, reported int) {
 			m.log.Info("session adopted", "session_id", s.id, "worker_pid", rec.PID, "secret_fp", rec.About.SecretFP)
 			go m.watch(s)
 			if s.link != nil {
-				go m.listen(s, s.link)
+				go m.listen(s, s.link, "")
 			}
 			adopted++
 			if m.metrics != nil {
@@ -695,7 +696,7 @@ func (m *Manager) tell(s *managed, cause string) {
 		}
 		s.link = l
 		m.mu.Unlock()
-		go m.listen(s, l)
+		go m.listen(s, l, "")
 		if err == nil {
 			return
 		}

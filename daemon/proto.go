@@ -38,10 +38,9 @@ type message struct {
 	Cause  string  `json:"cause,omitempty"`
 	Error  string  `json:"error,omitempty"`
 	// With running (worker to daemon) and order (daemon to worker): a TLS
-	// session to resume with the relay named (tlsdial.Tickets), so that a
-	// fresh worker's dial is not a full handshake.
-	TicketKey string `json:"ticket_key,omitempty"`
-	Ticket    []byte `json:"ticket,omitempty"`
+	// session with the session's relay (tlsdial.Tickets), so that a fresh
+	// worker's dial is not a full handshake.
+	Ticket []byte `json:"ticket,omitempty"`
 }
 
 // order is a session for a worker: the request as the API took it (the

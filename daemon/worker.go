@@ -119,7 +119,7 @@ func runWorker() int {
 		warmUp(cfg, key, dial)
 	}
 	// After the warm-up, whose miniature relay's session is not one to keep.
-	tickets := &tlsdial.Tickets{}
+	tickets := &tlsdial.Tickets{Identity: tlsdial.IdentityOf(dial.TLS)}
 	if dial.TLS != nil {
 		dial.TLS.ClientSessionCache = tickets
 	}
@@ -131,12 +131,9 @@ func runWorker() int {
 	if err != nil || m.Type != "order" || m.Order == nil {
 		return 0
 	}
-	o := *m.Order
-	if len(m.Ticket) > 0 {
-		_ = tickets.Import(m.TicketKey, m.Ticket) // one that does not parse: a full handshake
-	}
+	o, ticket := *m.Order, m.Ticket
 	time.AfterFunc(startBound, settle)
-	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key, tickets: tickets}
+	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key, tickets: tickets, parent: daemonLink}
 	if selfErr != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: "the worker's own start time: " + selfErr.Error()})
 		return 1
@@ -146,6 +143,9 @@ func runWorker() int {
 	if err != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
 		return 1
+	}
+	if len(ticket) > 0 {
+		_ = tickets.Import(w.ticketKey, ticket) // one that does not parse: a full handshake
 	}
 	// The record first, then the session. Writing it (about 0.15 ms on
 	// the state directory's tmpfs) while the session dials was measured
@@ -203,6 +203,7 @@ type worker struct {
 
 	tickets   *tlsdial.Tickets // the session's dial's TLS session cache
 	ticketKey string           // its relay's name there
+	parent    *link            // the daemon that started us (its socket pair)
 
 	mu    sync.Mutex
 	links []*link
@@ -342,11 +343,12 @@ func (w *worker) drop(l *link) {
 // TLS session for the next worker's dial (it came with the handshake and
 // was read before the ack).
 func (w *worker) broadcastRunning() {
-	m := message{Type: "running"}
-	if t, err := w.tickets.Export(w.ticketKey); err == nil && t != nil {
-		m.TicketKey, m.Ticket = w.ticketKey, t
-	}
+	ticket, _ := w.tickets.Export(w.ticketKey)
 	for _, l := range w.linksNow() {
+		m := message{Type: "running"}
+		if l == w.parent {
+			m.Ticket = ticket // to the daemon that started us only: the one that keeps it
+		}
 		_ = l.send(m)
 	}
 }

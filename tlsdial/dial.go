@@ -201,6 +201,7 @@ func Dial(ctx context.Context, u URL, cfg Config) (*Conn, error) {
 	var lastErr error
 	for {
 		attempts++
+		offered := offersSession(tcfg)
 		c, err := dialOnce(ctx, u, cfg, tcfg)
 		if err == nil {
 			c.Timings.Attempts = attempts
@@ -214,6 +215,12 @@ func Dial(ctx context.Context, u URL, cfg Config) (*Conn, error) {
 			err = lastErr
 		}
 		lastErr = err
+		if !transient(err) && offered {
+			// The session it offered may be why (crypto/tls drops it then
+			// too): once more, at once, with a full handshake.
+			forgetSession(tcfg)
+			continue
+		}
 		if !transient(err) {
 			return nil, &DialError{Addr: u.Addr(), Attempts: attempts, Elapsed: time.Since(start), Permanent: true, Err: err}
 		}
@@ -274,7 +281,11 @@ func dialOnce(ctx context.Context, u URL, cfg Config, tcfg *tls.Config) (*Conn, 
 	}
 	c.Conn, c.batch = tc, bw
 	c.Timings.TLS = time.Since(t1)
-	c.Timings.Resumed = tc.ConnectionState().DidResume
+	cs := tc.ConnectionState()
+	c.Timings.Resumed = cs.DidResume
+	if cs.Version < tls.VersionTLS13 {
+		forgetSession(tcfg) // its state would be this connection's master secret (Tickets)
+	}
 	return c, nil
 }
 

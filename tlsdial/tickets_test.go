@@ -4,10 +4,14 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"testing"
+	"time"
 
+	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 	"github.com/attach-agent/attach-agent/wire"
 )
@@ -56,10 +60,132 @@ func TestTicketsCarryASessionToAnotherProcess(t *testing.T) {
 	if tm := dial(&tlsdial.Tickets{}); tm.Resumed {
 		t.Fatal("a dial with an empty cache resumed")
 	}
-	for _, bad := range [][]byte{nil, {0, 0, 0, 9, 1}, append([]byte{0, 0, 0, 1, 7}, "not a session"...)} {
+	// A cache whose client certificate is another (rotated) takes none.
+	rotated := &tlsdial.Tickets{Identity: [32]byte{1}}
+	if err := rotated.Import(key, b); err == nil {
+		t.Error("a session made with one client certificate was taken by a cache with another")
+	}
+	for _, bad := range [][]byte{nil, {0, 0, 0, 9, 1}, append([]byte{0, 0, 0, 1, 7}, "not a session"...), append(b, make([]byte, 1<<20)...)} {
 		if err := (&tlsdial.Tickets{}).Import(key, bad); err == nil {
 			t.Errorf("Import(%q) took bytes that are not a session", bad)
 		}
+	}
+}
+
+// Sessions in transit are kept per relay name, the newest, for a bounded
+// number of names.
+func TestCarriedIsBounded(t *testing.T) {
+	var c tlsdial.Carried
+	c.Keep("relay-a", []byte("one"))
+	c.Keep("relay-a", []byte("two"))
+	if got := string(c.For("relay-a")); got != "two" {
+		t.Fatalf("For = %q, want the newest", got)
+	}
+	c.Keep("", []byte("nameless"))
+	c.Keep("relay-b", make([]byte, 1<<20))
+	if c.For("") != nil || c.For("relay-b") != nil {
+		t.Fatal("kept a session with no relay name, or one over the size bound")
+	}
+	kept := 0
+	for i := range 1000 {
+		c.Keep(fmt.Sprintf("relay-%d", i), []byte("x"))
+	}
+	for i := range 1000 {
+		if c.For(fmt.Sprintf("relay-%d", i)) != nil {
+			kept++
+		}
+	}
+	if kept == 0 || kept > 100 || c.For("relay-999") == nil {
+		t.Fatalf("%d of 1000 relay names kept, the newest %v: want a bound, the newest among them", kept, c.For("relay-999") != nil)
+	}
+}
+
+// A TLS 1.2 session is not kept: its state is the connection's master
+// secret, which would let whoever it is carried to read that connection.
+func TestTicketsKeepNoTLS12Session(t *testing.T) {
+	certs, err := rendezvous.NewSelfSignedCerts(rendezvous.DefaultHosts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{certs.Server}, MaxVersion: tls.VersionTLS12})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
+					_, _ = io.WriteString(c, wire.Ack)
+				}
+			}()
+		}
+	}()
+	u := urlFor(t, ln.Addr(), "s3cret")
+	cache := &tlsdial.Tickets{}
+	cfg := &tls.Config{RootCAs: certs.CAPool, ClientSessionCache: cache}
+	c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Pair(context.Background(), u.Secret, 0); err != nil {
+		t.Fatal(err)
+	}
+	if v := c.Conn.(*tls.Conn).ConnectionState().Version; v != tls.VersionTLS12 {
+		t.Fatalf("negotiated %x, want TLS 1.2", v)
+	}
+	if b, err := cache.Export(tlsdial.TicketKey(cfg, u)); b != nil || err != nil {
+		t.Fatalf("a TLS 1.2 session was kept (%d bytes, %v)", len(b), err)
+	}
+}
+
+// A dial that fails for good while it offers a carried session drops the
+// session and tries once more, at once, with a full handshake: a ticket
+// that breaks dials does not break every session after it.
+func TestTicketsDroppedWhenTheDialFails(t *testing.T) {
+	u, roots := fakeRelay(t, func(c net.Conn) {
+		if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
+			_, _ = io.WriteString(c, wire.Ack)
+		}
+	})
+	key := tlsdial.TicketKey(roots, u)
+	first := &tlsdial.Tickets{}
+	cfg := roots.Clone()
+	cfg.ClientSessionCache = first
+	c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Pair(context.Background(), u.Secret, 0)
+	_ = c.Close()
+	ticket, err := first.Export(key)
+	if err != nil || ticket == nil {
+		t.Fatalf("no session to carry: %v", err)
+	}
+	// The same name served with another CA's certificate: the dial fails
+	// for good, once with the session offered, once without.
+	other, _ := fakeRelay(t, func(c net.Conn) { _ = c.(*tls.Conn).Handshake() })
+	u.Port = other.Port
+	cache := &tlsdial.Tickets{}
+	if err := cache.Import(key, ticket); err != nil {
+		t.Fatal(err)
+	}
+	cfg = roots.Clone()
+	cfg.ClientSessionCache = cache
+	_, err = tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
+	var de *tlsdial.DialError
+	if !errors.As(err, &de) || !de.Permanent || de.Attempts != 2 {
+		t.Fatalf("dial = %v, want a permanent failure after 2 attempts (the second without the session)", err)
+	}
+	if b, _ := cache.Export(key); b != nil {
+		t.Fatal("the session offered to a dial that failed for good is still kept")
 	}
 }
 
