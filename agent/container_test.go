@@ -215,9 +215,12 @@ func startContainerAs(t testing.TB, hostname string, userns bool, confine []stri
 	for time.Now().Before(deadline) {
 		if f := childrenOf(outer); len(f) == 1 {
 			pid := f[0]
-			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-			uts, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/uts", pid))
-			if string(comm) == "sleep\n" && uts != ownUTS { // not the wait loop's sleep
+			// The container's PID 1, its sleep, in a UTS namespace of its
+			// own: not the userns wait loop's sleep, whose namespaces are
+			// gone (the link unreadable) while it exits and is still listed.
+			comm, err1 := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+			uts, err2 := os.Readlink(fmt.Sprintf("/proc/%d/ns/uts", pid))
+			if err1 == nil && err2 == nil && string(comm) == "sleep\n" && uts != ownUTS && pidNSInit(pid) {
 				t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL); proctest.WaitGone(t, pid) })
 				return pid
 			}
@@ -226,6 +229,22 @@ func startContainerAs(t testing.TB, hostname string, userns bool, confine []stri
 	}
 	t.Fatal("container did not start")
 	return 0
+}
+
+// pidNSInit reports whether pid is PID 1 of its own pid namespace (the
+// last NSpid field of its status).
+func pidNSInit(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			f := strings.Fields(rest)
+			return len(f) > 1 && f[len(f)-1] == "1"
+		}
+	}
+	return false
 }
 
 // containerCgroups puts pid in a pids and a memory cgroup of its own
