@@ -24,11 +24,22 @@ func TestMain(m *testing.M) { leakcheck.Main(m) }
 // fakeRelay serves TLS on loopback and runs fn for each connection.
 func fakeRelay(t testing.TB, fn func(c net.Conn)) (tlsdial.URL, *tls.Config) {
 	t.Helper()
+	return fakeRelayWith(t, nil, fn)
+}
+
+// fakeRelayWith is fakeRelay with edit applied to the server's TLS
+// settings (nil: none).
+func fakeRelayWith(t testing.TB, edit func(*tls.Config), fn func(c net.Conn)) (tlsdial.URL, *tls.Config) {
+	t.Helper()
 	certs, err := rendezvous.NewSelfSignedCerts(rendezvous.DefaultHosts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{certs.Server}})
+	srv := &tls.Config{Certificates: []tls.Certificate{certs.Server}}
+	if edit != nil {
+		edit(srv)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", srv)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,37 +9,43 @@ import (
 	"io"
 	"net"
 	"testing"
-	"time"
 
-	"github.com/attach-agent/attach-agent/rendezvous"
 	"github.com/attach-agent/attach-agent/tlsdial"
 	"github.com/attach-agent/attach-agent/wire"
 )
+
+// ackRelay is a relay's part in pairing: the secret line read, the ack.
+func ackRelay(c net.Conn) {
+	if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
+		_, _ = io.WriteString(c, wire.Ack)
+	}
+}
+
+// pairedDial dials u with cfg and pairs (the ticket comes after the
+// handshake: Pair's read of the ack takes it in, as a session's does).
+func pairedDial(t testing.TB, u tlsdial.URL, cfg *tls.Config) *tlsdial.Conn {
+	t.Helper()
+	c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	if err := c.Pair(context.Background(), u.Secret, 0); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
 
 // A session one process's dial had resumes in another's, carried as
 // bytes (what a worker gives the daemon for the next worker); an empty
 // cache, or bytes that are not a session, mean a full handshake.
 func TestTicketsCarryASessionToAnotherProcess(t *testing.T) {
-	u, roots := fakeRelay(t, func(c net.Conn) {
-		if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
-			_, _ = io.WriteString(c, wire.Ack)
-		}
-	})
+	u, roots := fakeRelay(t, ackRelay)
 	dial := func(cache tls.ClientSessionCache) tlsdial.Timings {
 		t.Helper()
 		cfg := roots.Clone()
 		cfg.ClientSessionCache = cache
-		c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		// The ticket comes after the handshake: Pair's read of the ack
-		// takes it in, as a session's does.
-		if err := c.Pair(context.Background(), u.Secret, 0); err != nil {
-			t.Fatal(err)
-		}
-		return c.Timings
+		return pairedDial(t, u, cfg).Timings
 	}
 	key := tlsdial.TicketKey(roots, u)
 	first := &tlsdial.Tickets{}
@@ -103,41 +109,11 @@ func TestCarriedIsBounded(t *testing.T) {
 // A TLS 1.2 session is not kept: its state is the connection's master
 // secret, which would let whoever it is carried to read that connection.
 func TestTicketsKeepNoTLS12Session(t *testing.T) {
-	certs, err := rendezvous.NewSelfSignedCerts(rendezvous.DefaultHosts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{certs.Server}, MaxVersion: tls.VersionTLS12})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
-					_, _ = io.WriteString(c, wire.Ack)
-				}
-			}()
-		}
-	}()
-	u := urlFor(t, ln.Addr(), "s3cret")
+	u, roots := fakeRelayWith(t, func(c *tls.Config) { c.MaxVersion = tls.VersionTLS12 }, ackRelay)
 	cache := &tlsdial.Tickets{}
-	cfg := &tls.Config{RootCAs: certs.CAPool, ClientSessionCache: cache}
-	c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Pair(context.Background(), u.Secret, 0); err != nil {
-		t.Fatal(err)
-	}
+	cfg := roots.Clone()
+	cfg.ClientSessionCache = cache
+	c := pairedDial(t, u, cfg)
 	if v := c.Conn.(*tls.Conn).ConnectionState().Version; v != tls.VersionTLS12 {
 		t.Fatalf("negotiated %x, want TLS 1.2", v)
 	}
@@ -150,21 +126,12 @@ func TestTicketsKeepNoTLS12Session(t *testing.T) {
 // session and tries once more, at once, with a full handshake: a ticket
 // that breaks dials does not break every session after it.
 func TestTicketsDroppedWhenTheDialFails(t *testing.T) {
-	u, roots := fakeRelay(t, func(c net.Conn) {
-		if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
-			_, _ = io.WriteString(c, wire.Ack)
-		}
-	})
+	u, roots := fakeRelay(t, ackRelay)
 	key := tlsdial.TicketKey(roots, u)
 	first := &tlsdial.Tickets{}
 	cfg := roots.Clone()
 	cfg.ClientSessionCache = first
-	c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = c.Pair(context.Background(), u.Secret, 0)
-	_ = c.Close()
+	pairedDial(t, u, cfg)
 	ticket, err := first.Export(key)
 	if err != nil || ticket == nil {
 		t.Fatalf("no session to carry: %v", err)
@@ -195,23 +162,12 @@ func TestTicketsDroppedWhenTheDialFails(t *testing.T) {
 //
 //	go test -run '^$' -bench DialHandshake -count 5 ./tlsdial
 func BenchmarkDialHandshake(b *testing.B) {
-	u, roots := fakeRelay(b, func(c net.Conn) {
-		if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
-			_, _ = io.WriteString(c, wire.Ack)
-		}
-	})
+	u, roots := fakeRelay(b, ackRelay)
 	// One paired session, for its ticket.
 	first := &tlsdial.Tickets{}
 	cfg := roots.Clone()
 	cfg.ClientSessionCache = first
-	c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: cfg})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := c.Pair(context.Background(), u.Secret, 0); err != nil {
-		b.Fatal(err)
-	}
-	_ = c.Close()
+	pairedDial(b, u, cfg)
 	ticket, err := first.Export(tlsdial.TicketKey(roots, u))
 	if err != nil || ticket == nil {
 		b.Fatalf("no ticket: %v", err)
