@@ -2,6 +2,7 @@ package container
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -237,5 +238,47 @@ func TestRemoveGivesUpOnWhatIsNotBusy(t *testing.T) {
 	}
 	if _, err := os.Stat(dir); err != nil {
 		t.Errorf("a non-empty directory went: %v", err)
+	}
+}
+
+// A pid the group listed, then freed and taken by a process outside it
+// before the kill, is spared: only what is still listed once pinned gets
+// the SIGKILL. What is listed both times is killed.
+func TestKillListedSparesWhatLeftTheList(t *testing.T) {
+	start := func() *exec.Cmd {
+		t.Helper()
+		c := exec.Command("sleep", "30")
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+		return c
+	}
+	outsider := start()
+	reads := 0
+	killListed(func() []int {
+		if reads++; reads == 1 {
+			return []int{outsider.Process.Pid} // listed, then no longer
+		}
+		return nil
+	})
+	if reads != 2 {
+		t.Fatalf("the group was read %d times, want twice (before and after pinning)", reads)
+	}
+	if err := outsider.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatalf("a process no longer listed was killed: %v", err)
+	}
+	member := start()
+	killListed(func() []int { return []int{member.Process.Pid} })
+	done := make(chan error, 1)
+	go func() { done <- member.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+			t.Fatalf("a listed process ended with %v, want SIGKILL", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a process listed both times was not killed")
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/attach-agent/attach-agent/ptyio"
+	"golang.org/x/sys/unix"
 )
 
 // cgroup is a session's or sandbox's own control groups: its command is
@@ -367,9 +368,39 @@ func members(dir string) []int {
 
 func populated(dir string) bool { return len(members(dir)) > 0 }
 
-func killAll(dir string) {
-	for _, pid := range members(dir) {
-		_ = syscall.Kill(pid, syscall.SIGKILL) // gone already is fine
+// killAll sends SIGKILL to every process in dir's group (a v1 group, or
+// a v2 one without cgroup.kill). See killListed.
+func killAll(dir string) { killListed(func() []int { return members(dir) }) }
+
+// killListed kills the processes list names, by pidfd: each pid is pinned
+// (pidfd_open), then listed again, and only what is still listed is sent
+// the signal. A pid number read from the group may have been freed and
+// taken by a process outside it before the kill, which would otherwise
+// get the session's SIGKILL; a pinned process still listed is the group's.
+// Without pidfds (before Linux 5.3), by pid number.
+func killListed(list func() []int) {
+	pinned := map[int]int{}
+	defer func() {
+		for _, fd := range pinned {
+			_ = unix.Close(fd)
+		}
+	}()
+	for _, pid := range list() {
+		fd, err := unix.PidfdOpen(pid, 0)
+		switch {
+		case errors.Is(err, unix.ENOSYS):
+			_ = syscall.Kill(pid, syscall.SIGKILL) // no pidfds: by number, as before 5.3
+		case err == nil:
+			pinned[pid] = fd
+		} // else gone already
+	}
+	if len(pinned) == 0 {
+		return
+	}
+	for _, pid := range list() {
+		if fd, ok := pinned[pid]; ok {
+			_ = unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) // gone since is fine
+		}
 	}
 }
 
