@@ -1212,6 +1212,11 @@ func TestJoinUnderSeccomp(t *testing.T) {
 	needRoot(t)
 	probe := testroot.Probe(t)
 	pid := startContainerAs(t, "filtered-1", false, []string{probe, "seccomp-exec"})
+	// What the command is to copy: the container's own, as set up.
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err != nil ||
+		!strings.Contains(string(st), "NoNewPrivs:\t1\n") || !strings.Contains(string(st), "Seccomp:\t2\n") {
+		t.Fatalf("the container's PID 1 is not under the probe's filter with no_new_privs (%v):\n%s", err, st)
+	}
 	if v2 := v2Group(t, pid); v2 == "" {
 		t.Log("no writable cgroup v2 here: the in-process path is tested instead of the helper")
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"unsafe"
 
@@ -62,8 +63,13 @@ func errno(e unix.Errno) error {
 
 // seccompExec runs argv under a seccomp filter that allows everything
 // (and so with no_new_privs): a stand-in for a container's process under
-// its runtime's profile.
+// its runtime's profile. Both are a thread's, as is the exec: all three
+// on one locked thread. Unlocked, the goroutine once moved between them,
+// and sleep ran with the filter but without no_new_privs (root may
+// install one without it), which TestJoinUnderSeccomp then found its
+// joined command copying.
 func seccompExec(argv []string) {
+	runtime.LockOSThread()
 	allow := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW}}
 	prog := unix.SockFprog{Len: 1, Filter: &allow[0]}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
