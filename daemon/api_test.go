@@ -448,3 +448,28 @@ func TestWorkersResumeTheRelaySession(t *testing.T) {
 		t.Fatalf("TLS sessions resumed: %v, want the first a full handshake and the others resumed", resumed)
 	}
 }
+
+// A session's command runs at the daemon's priority, though the spare
+// that runs it started nicer (nice.go), for every session in a row.
+func TestCommandRunsAtTheDaemonsPriority(t *testing.T) {
+	st, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+2:]))
+	want := fields[16] // field 19, nice, counted from the state (field 3)
+	d := newDaemon(t, nil)
+	for i := range 3 {
+		secret := fmt.Sprintf("nice-secret-%d", i)
+		id := d.post(t, secret, `"command": "nice", "tty": false`)
+		c := d.attach(t, secret)
+		got, err := io.ReadAll(c)
+		_ = c.Close()
+		if err != nil || strings.TrimSpace(string(got)) != want {
+			t.Fatalf("session %d: the command's nice is %q (%v), want the daemon's %s", i, got, err, want)
+		}
+		if code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", ""); code != 200 || v["reason"] != "exited" {
+			t.Fatalf("session %d: %d %v", i, code, v)
+		}
+	}
+}

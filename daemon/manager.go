@@ -75,6 +75,7 @@ type Manager struct {
 	self    string
 	env     []string
 	key     []byte // the host's key for secret hashes (record.go)
+	nice    *int   // the daemon's priority, when spares start nicer (nice.go)
 
 	mu       sync.Mutex
 	sessions map[string]*managed
@@ -133,6 +134,9 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 	if metrics != nil {
 		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
 	}
+	if n, err := threadNice(0); err == nil && canRenice() && n < 19 {
+		m.nice = &n
+	}
 	go m.keepSpares()
 	go m.rescan()
 	return m, nil
@@ -183,7 +187,11 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 	// A session of its own: the daemon's terminal and process group
 	// signals (Ctrl-C on a foreground serve) are not the worker's.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, PidFD: &pidfd}
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if warm && m.nice != nil {
+		start = func() error { return startNiced(cmd, *m.nice) }
+	}
+	if err := start(); err != nil {
 		_ = fc.Close()
 		return nil, fmt.Errorf("starting a worker (%s): %w", m.self, err)
 	}
@@ -193,7 +201,11 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 		return nil, errors.New("no pidfd for the worker: the daemon needs Linux 5.3 or later (CLONE_PIDFD, pidfd_open)")
 	}
 	sp.pidfd = pollable(pidfd)
-	if err := sp.link.send(message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm}); err != nil {
+	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm}
+	if warm {
+		setup.Nice = m.nice
+	}
+	if err := sp.link.send(setup); err != nil {
 		sp.kill()
 		return nil, fmt.Errorf("setting up a worker: %w", err)
 	}

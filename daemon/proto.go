@@ -32,6 +32,7 @@ type message struct {
 	Config *Config `json:"config,omitempty"`
 	Key    []byte  `json:"key,omitempty"`  // with setup: the host's key for secret hashes
 	Warm   bool    `json:"warm,omitempty"` // with setup: a spare, to warm up before it waits
+	Nice   *int    `json:"nice,omitempty"` // with setup: the priority to take before it waits (nice.go)
 	Order  *order  `json:"order,omitempty"`
 	Record *record `json:"record,omitempty"`
 	Result *result `json:"result,omitempty"`

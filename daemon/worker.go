@@ -118,6 +118,13 @@ func runWorker() int {
 	if m.Warm && tlsErr == nil {
 		warmUp(cfg, key, dial)
 	}
+	if m.Nice != nil {
+		if err := reniceSelf(*m.Nice); err != nil {
+			// Its command would run at a spare's priority: no session here.
+			fmt.Fprintln(os.Stderr, "attach-agent worker: taking the daemon's priority back:", err)
+			return 1
+		}
+	}
 	// After the warm-up, whose miniature relay's session is not one to keep.
 	tickets := &tlsdial.Tickets{Identity: tlsdial.IdentityOf(dial.TLS)}
 	if dial.TLS != nil {
