@@ -134,7 +134,10 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 	if metrics != nil {
 		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
 	}
-	if n, err := threadNice(0); err == nil && canRenice() && n < 19 {
+	// As root, a worker's exec keeps what the daemon holds (a non-root
+	// daemon's CAP_SYS_NICE would not survive it, and its spares could not
+	// take the daemon's priority back).
+	if n, err := threadNice(0); err == nil && os.Geteuid() == 0 && canRenice() && n < 19 {
 		m.nice = &n
 	}
 	go m.keepSpares()
@@ -307,6 +310,9 @@ func (m *Manager) takeWorker() (*spare, error) {
 		return m.startWorker(false) // all spares taken: one now
 	}
 }
+
+// Spares is how many spare workers wait in the pool now.
+func (m *Manager) Spares() int { return len(m.spares) }
 
 // Create validates req and starts its session in a worker of its own.
 func (m *Manager) Create(req Request) (View, error) {

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -58,9 +59,12 @@ func startNiced(cmd *exec.Cmd, nice int) error {
 }
 
 // reniceSelf sets every thread of this process to nice. A thread started
-// while it runs inherits from one set already or is set in the next pass.
+// while it runs inherits from one set already, or is set in a later pass:
+// it ends after two passes in a row, 200 µs apart, found every thread right
+// (a thread being cloned is listed only once its clone is done).
 func reniceSelf(nice int) error {
-	for range 4 {
+	clean := 0
+	for range 8 {
 		tasks, err := os.ReadDir("/proc/self/task")
 		if err != nil {
 			return err
@@ -79,9 +83,22 @@ func reniceSelf(nice int) error {
 			}
 			changed = true
 		}
-		if !changed {
+		if clean = clean + 1; changed {
+			clean = 0
+		}
+		if clean == 2 {
 			return nil
 		}
+		time.Sleep(200 * time.Microsecond) // a clone in flight is done by then
 	}
-	return errors.New("threads still started at another priority after four passes")
+	return errors.New("threads still started at another priority after eight passes")
+}
+
+// commandAt makes sure the command pid runs at nice, which it took from
+// the thread that forked it (reniceSelf set them all; this is the check).
+func commandAt(pid, nice int) error {
+	if n, err := threadNice(pid); err != nil || n == nice {
+		return nil // gone already, or right
+	}
+	return unix.Setpriority(unix.PRIO_PROCESS, pid, nice)
 }

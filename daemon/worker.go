@@ -118,8 +118,9 @@ func runWorker() int {
 	if m.Warm && tlsErr == nil {
 		warmUp(cfg, key, dial)
 	}
-	if m.Nice != nil {
-		if err := reniceSelf(*m.Nice); err != nil {
+	nice := m.Nice
+	if nice != nil {
+		if err := reniceSelf(*nice); err != nil {
 			// Its command would run at a spare's priority: no session here.
 			fmt.Fprintln(os.Stderr, "attach-agent worker: taking the daemon's priority back:", err)
 			return 1
@@ -140,7 +141,7 @@ func runWorker() int {
 	}
 	o, ticket := *m.Order, m.Ticket
 	time.AfterFunc(startBound, settle)
-	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key, tickets: tickets, parent: daemonLink}
+	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key, tickets: tickets, parent: daemonLink, nice: nice}
 	if selfErr != nil {
 		_ = daemonLink.send(message{Type: "refused", Error: "the worker's own start time: " + selfErr.Error()})
 		return 1
@@ -211,6 +212,7 @@ type worker struct {
 	tickets   *tlsdial.Tickets // the session's dial's TLS session cache
 	ticketKey string           // its relay's name there
 	parent    *link            // the daemon that started us (its socket pair)
+	nice      *int             // the daemon's priority, when this spare started nicer (nice.go)
 
 	mu    sync.Mutex
 	links []*link
@@ -251,6 +253,11 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 	}
 	crash := w.cfg.FaultLabel != "" && o.Request.Labels[w.cfg.FaultLabel] == "worker"
 	spec.Started = func(pid int) {
+		if w.nice != nil {
+			if err := commandAt(pid, *w.nice); err != nil {
+				w.log.Warn("worker: the command's priority", "err", err.Error())
+			}
+		}
 		st, err := container.StartTime(pid)
 		if err == nil {
 			err = writeFile(w.dir, commandFile, process{pid, st})
