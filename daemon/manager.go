@@ -408,9 +408,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 // hand gives a worker its order, with the newest TLS session a worker
 // had with its relay, and waits (bounded) for its record.
 func (m *Manager) hand(sp *spare, o order, relay string) (record, error) {
-	msg := message{Type: "order", Order: &o}
-	msg.Ticket = m.tickets.For(relay)
-	if err := sp.link.send(msg); err != nil {
+	if err := sp.link.send(message{Type: "order", Order: &o, Ticket: m.tickets.For(relay)}); err != nil {
 		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
 	}
 	_ = sp.link.c.SetReadDeadline(time.Now().Add(m.cfg.SetupTimeout))

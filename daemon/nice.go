@@ -83,10 +83,9 @@ func reniceSelf(nice int) error {
 			}
 			changed = true
 		}
-		if clean = clean + 1; changed {
+		if changed {
 			clean = 0
-		}
-		if clean == 2 {
+		} else if clean++; clean == 2 {
 			return nil
 		}
 		time.Sleep(200 * time.Microsecond) // a clone in flight is done by then

@@ -22,9 +22,9 @@ type outputReader struct {
 	// streaming: the last read filled the buffer, so the next one waits
 	// for the queue the same way before its first read.
 	streaming bool
-	// foundEmpty: a read found the queue empty (EAGAIN; a pty master's
-	// read first waits for the tty's flush work, so nothing is held back
-	// either). Set by read, cleared by its caller.
+	// foundEmpty: the last read found the queue empty at some point
+	// (EAGAIN; a pty master's read first waits for the tty's flush work,
+	// so nothing is held back either).
 	foundEmpty bool
 }
 
@@ -36,6 +36,7 @@ type outputReader struct {
 func (r *outputReader) read(buf []byte) (int, error) {
 	n := 0
 	var rerr error
+	r.foundEmpty = false
 	cerr := r.rc.Read(func(fd uintptr) bool {
 		if n == 0 && r.streaming && r.gather > 0 {
 			awaitQueued(int(fd), r.gather) // if nothing comes, the read below parks as usual

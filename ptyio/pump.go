@@ -609,15 +609,38 @@ func (e *streamWriteError) Unwrap() error { return e.err }
 // output copies the process's output to the stream until EOF (EIO), the
 // drain bound after exit, or an error.
 func (s *session) output() error {
-	buf := make([]byte, BufSize)
-	rc, err := s.p.master.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("pty -> stream: %w", err)
-	}
-	r := &outputReader{rc: rc}
+	c := outputCopy{d: &s.out, w: s.s, name: "pty -> stream", fault: "output", first: true}
 	if s.p.tty {
-		r.gather = gatherWait
+		c.gather = gatherWait
 	}
+	return s.copyOutput(c)
+}
+
+// copyStderr copies the process's own stderr (Spec.SeparateStderr) to
+// cfg.Stderr until its end, or the drain bound after the exit.
+func (s *session) copyStderr() error {
+	return s.copyOutput(outputCopy{d: &s.errOut, w: s.cfg.Stderr, name: "stderr -> stream"})
+}
+
+// outputCopy is one of the process's output streams on its way out.
+type outputCopy struct {
+	d      *drain
+	w      io.Writer // the stream, or what takes stderr apart
+	name   string    // for its errors
+	gather time.Duration
+	fault  string // Config.Fault's point after each read, if any
+	first  bool   // its first byte is the session's first output
+}
+
+// copyOutput copies c.d's stream to c.w until EOF, the drain bound after
+// the exit, or an error. Every write is under the stall bound.
+func (s *session) copyOutput(c outputCopy) error {
+	buf := make([]byte, BufSize)
+	rc, err := c.d.f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("%s: %w", c.name, err)
+	}
+	r := &outputReader{rc: rc, gather: c.gather}
 	empty := 0
 	for {
 		// Whether the exit came before this read: only then were its bytes
@@ -627,24 +650,23 @@ func (s *session) output() error {
 		// be cut by the drain bound (CI saw exactly 32 KiB lost so, under
 		// load). A read the exit overtakes is not taken off: owed errs long.
 		exitedBefore := s.exited.Load()
-		r.foundEmpty = false
 		n, err := r.read(buf[:len(buf)-s.cfg.WriteOverhead])
-		if s.cfg.Fault != nil {
-			s.cfg.Fault("output")
+		if s.cfg.Fault != nil && c.fault != "" {
+			s.cfg.Fault(c.fault)
 		}
 		if n > 0 {
 			empty = 0
 			s.touch()
-			s.out.took(n, exitedBefore, r.foundEmpty)
+			c.d.took(n, exitedBefore, r.foundEmpty)
 			if s.exited.Load() {
-				s.extendDrain(&s.out)
+				s.extendDrain(c.d)
 			}
 			// The stall bound is per write: a write that makes no
 			// progress for StallTimeout fails with a deadline error.
 			_ = s.s.SetWriteDeadline(time.Now().Add(s.cfg.StallTimeout))
-			w, werr := s.s.Write(buf[:n])
+			w, werr := c.w.Write(buf[:n])
 			s.bytesOut.Add(int64(w))
-			if s.firstOut.Load() == 0 && w > 0 {
+			if c.first && s.firstOut.Load() == 0 && w > 0 {
 				s.firstOut.Store(int64(max(time.Since(s.start), 1)))
 				if s.cfg.FirstOutput != nil {
 					s.cfg.FirstOutput()
@@ -659,19 +681,19 @@ func (s *session) output() error {
 		case err == nil && n == 0:
 			s.empty.Add(1)
 			if empty++; empty > maxEmptyReads {
-				return errors.New("pty -> stream: no progress: repeated empty reads")
+				return fmt.Errorf("%s: no progress: repeated empty reads", c.name)
 			}
 		case err == nil:
 		case errors.Is(err, io.EOF), isClosed(err):
 			return nil
 		case isTimeout(err) && s.exited.Load():
-			s.out.took(0, exitedBefore, r.foundEmpty)
-			if s.readOn(&s.out) {
+			c.d.took(0, exitedBefore, r.foundEmpty)
+			if s.readOn(c.d) {
 				continue
 			}
 			return nil // quiet, or the drain bound is reached with nothing owed
 		default:
-			return fmt.Errorf("pty -> stream: read: %w", err)
+			return fmt.Errorf("%s: read: %w", c.name, err)
 		}
 	}
 }
@@ -790,45 +812,6 @@ func (s *session) input() error {
 			return nil // linger over, or we closed the stream: not the client's doing
 		default:
 			return fmt.Errorf("stream -> pty: %w", err)
-		}
-	}
-}
-
-// copyStderr copies the process's own stderr (Spec.SeparateStderr) to
-// cfg.Stderr until its end, or the drain bound after the exit.
-func (s *session) copyStderr() error {
-	buf := make([]byte, BufSize)
-	rc, err := s.p.stderr.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("stderr -> stream: %w", err)
-	}
-	r := &outputReader{rc: rc}
-	for {
-		exitedBefore := s.exited.Load() // as in output
-		r.foundEmpty = false
-		n, err := r.read(buf[:len(buf)-s.cfg.WriteOverhead])
-		if n > 0 {
-			s.touch()
-			s.errOut.took(n, exitedBefore, r.foundEmpty)
-			if s.exited.Load() {
-				s.extendDrain(&s.errOut)
-			}
-			_ = s.s.SetWriteDeadline(time.Now().Add(s.cfg.StallTimeout))
-			w, werr := s.cfg.Stderr.Write(buf[:n])
-			s.bytesOut.Add(int64(w))
-			if werr != nil {
-				return &streamWriteError{werr}
-			}
-		}
-		switch {
-		case err == nil:
-		case isTimeout(err) && s.exited.Load():
-			s.errOut.took(0, exitedBefore, r.foundEmpty)
-			if !s.readOn(&s.errOut) {
-				return nil // quiet, or the drain bound is reached with nothing owed
-			}
-		default:
-			return nil // EOF, or our close
 		}
 	}
 }
