@@ -1,15 +1,18 @@
 package daemon_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -476,5 +479,90 @@ func TestCommandRunsAtTheDaemonsPriority(t *testing.T) {
 		if code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", ""); code != 200 || v["reason"] != "exited" {
 			t.Fatalf("session %d: %d %v", i, code, v)
 		}
+	}
+}
+
+// A spare is woken at each POST before its body is read; a request that
+// is refused gives it back to the pool, the same process, which takes the
+// next session's order after any number of wakes.
+func TestWokenSparesGoBack(t *testing.T) {
+	d := newDaemon(t, nil)
+	children := func() []string {
+		var all []string
+		tasks, _ := filepath.Glob("/proc/self/task/*/children")
+		for _, f := range tasks {
+			b, _ := os.ReadFile(f)
+			all = append(all, strings.Fields(string(b))...)
+		}
+		sort.Strings(all)
+		return all
+	}
+	proctest.WaitFor(t, 10*time.Second, "the pool full", func() bool { return d.mgr.Spares() == 2 })
+	before := children()
+	for range 20 {
+		if code, v := d.do(t, "POST", "/v1/sessions", `{"command": "true"}`); code != 400 {
+			t.Fatalf("a request without attach_url: %d %v", code, v)
+		}
+	}
+	if n, after := d.mgr.Spares(), children(); n != 2 || !slices.Equal(before, after) {
+		t.Fatalf("after 20 refused requests: %d spares, workers %v, were %v", n, after, before)
+	}
+	secret := "woken-secret"
+	id := d.post(t, secret, `"command": "echo woken", "tty": false`)
+	if code, v := d.do(t, "GET", "/v1/sessions/"+id, ""); code != 200 || !slices.Contains(before, fmt.Sprint(v["worker_pid"])) {
+		t.Fatalf("the session: %d %v; want it in one of the woken spares (among %v)", code, v, before)
+	}
+	c := d.attach(t, secret)
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "woken\n" {
+		t.Fatalf("the session's output: %q, %v", got, err)
+	}
+	code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", "")
+	if code != 200 || v["reason"] != "exited" {
+		t.Fatalf("the session: %d %v; want it exited", code, v)
+	}
+}
+
+// A caller that holds a request open, its body unsent, holds no spare
+// for long: the pool is full again while such requests wait, and each is
+// still answered when its body comes.
+func TestSlowRequestsGiveTheirSparesBack(t *testing.T) {
+	d := newDaemon(t, nil)
+	const hold = 3 * time.Second // long enough to see the spares taken
+	d.mgr.SetWakeHold(hold)
+	proctest.WaitFor(t, 10*time.Second, "the pool full", func() bool { return d.mgr.Spares() == 2 })
+	body := `{"command": "true"}` // no attach_url: refused, 400
+	dial := d.client.Transport.(*http.Transport).DialContext
+	var conns []net.Conn
+	for range 3 {
+		c, err := dial(context.Background(), "unix", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		head := fmt.Sprintf("POST /v1/sessions HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:1])
+		if _, err := io.WriteString(c, head); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	proctest.WaitFor(t, hold, "the spares taken by 3 requests waiting for their bodies", func() bool { return d.mgr.Spares() == 0 })
+	proctest.WaitFor(t, 10*time.Second, "the spares back in the pool while the requests wait", func() bool { return d.mgr.Spares() == 2 })
+	for i, c := range conns {
+		if _, err := io.WriteString(c, body[1:]); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Fatalf("request %d: %s; want 400 (no attach_url)", i, resp.Status)
+		}
+	}
+	if n := d.mgr.Spares(); n != 2 {
+		t.Fatalf("%d spares after the requests; want 2", n)
 	}
 }

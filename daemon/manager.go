@@ -91,6 +91,7 @@ type Manager struct {
 	taken     chan struct{}   // a spare was taken
 	refill    chan struct{}   // a session that took one is running: start the next
 	tickets   tlsdial.Carried // the newest TLS session a worker had per relay name, for the next
+	wakeHold  time.Duration   // wakeHold (under mu: tests set it longer)
 }
 
 // spareDelay is the longest a taken spare's replacement waits for its
@@ -129,7 +130,7 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(), key: key,
 		sessions: make(map[string]*managed), spares: make(chan *spare, cfg.Spares),
 		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
-		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1),
+		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1), wakeHold: wakeHold,
 	}
 	if metrics != nil {
 		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
@@ -294,21 +295,114 @@ func (m *Manager) stopSpares() {
 	}
 }
 
-func (m *Manager) takeWorker() (*spare, error) {
+// woken is a spare taken from the pool for a request still being read,
+// and woken: a process idle for a while takes 100-200 µs to run again on
+// a small virtual host (docs/BENCHMARKS.md), which then overlaps the
+// daemon's own reading of the request instead of following it. The
+// request takes the spare or gives it back, and gives it back by itself
+// after wakeHold.
+type woken struct {
+	m     *Manager
+	mu    sync.Mutex
+	sp    *spare
+	timer *time.Timer
+}
+
+// wakeHold is the longest a request being read holds the spare it woke. A
+// request's body comes in one or two packets, within a millisecond; one
+// that trickles (a slow or hostile caller) gives the spare back to the
+// pool, so that callers who hold requests open cannot empty it.
+const wakeHold = 100 * time.Millisecond
+
+// wakeSpare takes the spare the next session would take, if one waits,
+// and wakes it.
+func (m *Manager) wakeSpare() *woken {
+	w := &woken{m: m}
+	var sp *spare
 	select {
-	case sp := <-m.spares:
-		select {
-		case <-m.refill: // from an earlier session: this one's counts
-		default:
-		}
+	case sp = <-m.spares:
+	default:
+		return w
+	}
+	if err := sp.link.send(message{Type: "wake"}); err != nil {
+		// A spare that cannot be written to can take no order either:
+		// it ends, and the pool makes another.
+		sp.kill()
 		select {
 		case m.taken <- struct{}{}:
 		default:
 		}
-		return sp, nil
-	default:
-		return m.startWorker(false) // all spares taken: one now
+		return w
 	}
+	m.mu.Lock()
+	hold := m.wakeHold
+	m.mu.Unlock()
+	w.mu.Lock()
+	w.sp = sp
+	w.timer = time.AfterFunc(hold, w.give)
+	w.mu.Unlock()
+	return w
+}
+
+// take is the woken spare, for the session; nil when there was none or
+// it went back.
+func (w *woken) take() *spare {
+	if w == nil {
+		return nil
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	sp := w.sp
+	w.sp = nil
+	return sp
+}
+
+// give puts back a spare no session took: into the pool while the pool
+// is kept and has room, else it ends.
+func (w *woken) give() {
+	sp := w.take()
+	if sp == nil {
+		return
+	}
+	m := w.m
+	m.mu.Lock()
+	select {
+	case <-m.spareStop: // stopSpares emptied the pool, or will
+	default:
+		select {
+		case m.spares <- sp:
+			m.mu.Unlock()
+			return
+		default: // refilled meanwhile
+		}
+	}
+	m.mu.Unlock()
+	sp.kill()
+}
+
+// takeWorker is held, or a spare from the pool, or a worker started now
+// when every spare is taken.
+func (m *Manager) takeWorker(held *spare) (*spare, error) {
+	sp := held
+	if sp == nil {
+		select {
+		case sp = <-m.spares:
+		default:
+			return m.startWorker(false) // all spares taken: one now
+		}
+	}
+	select {
+	case <-m.refill: // from an earlier session: this one's counts
+	default:
+	}
+	select {
+	case m.taken <- struct{}{}:
+	default:
+	}
+	return sp, nil
 }
 
 // Spares is how many spare workers wait in the pool now.
@@ -316,10 +410,13 @@ func (m *Manager) Spares() int { return len(m.spares) }
 
 // Create validates req and starts its session in a worker of its own.
 func (m *Manager) Create(req Request) (View, error) {
-	return m.create(req, Caller{}, DefaultAccess())
+	w := m.wakeSpare()
+	defer w.give()
+	return m.create(req, Caller{}, DefaultAccess(), w)
 }
 
-func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
+// create starts req's session; it takes w's spare when there is one.
+func (m *Manager) create(req Request, caller Caller, a Access, w *woken) (View, error) {
 	spec, err := specFor(m.cfg, req)
 	if err != nil {
 		return View{}, err
@@ -366,7 +463,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		m.changed()
 		return View{}, err
 	}
-	sp, err := m.takeWorker()
+	sp, err := m.takeWorker(w.take())
 	if err != nil {
 		m.workerFailed()
 		return fail(err)

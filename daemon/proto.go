@@ -17,6 +17,8 @@ import (
 // version apart still understand what both know.
 //
 //	daemon -> worker  {"type":"setup","config":{...}}        first, at the worker's start (pair only)
+//	daemon -> worker  {"type":"wake"}                         a spare's order is coming: the API is reading
+//	                                                         the request (pair only; none, one or more)
 //	daemon -> worker  {"type":"order","order":{...}}         a session to run (pair only; the secret is in it),
 //	                                                         with the newest TLS session ticket for its relay
 //	worker -> daemon  {"type":"accepted","record":{...}}     the record is written, the session runs

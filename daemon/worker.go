@@ -135,7 +135,12 @@ func runWorker() int {
 	self, selfErr := container.StartTime(os.Getpid())
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).
+	// A wake comes while the daemon reads the request it will hand us:
+	// we are running again by the time the order comes.
 	m, err = daemonLink.recv()
+	for err == nil && m.Type == "wake" {
+		m, err = daemonLink.recv()
+	}
 	if err != nil || m.Type != "order" || m.Order == nil {
 		return 0
 	}
