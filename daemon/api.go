@@ -28,8 +28,7 @@ func NewAPI(m *Manager, a Access, defaultGrace time.Duration) http.Handler {
 	mux.HandleFunc("POST /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
 		// Woken before the body is read, so that it is awake by the time
 		// the session is handed to it.
-		spare := m.wakeSpare()
-		defer spare.give()
+		m.wakeSpare()
 		r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBody)
 		dec := json.NewDecoder(r.Body)
 		dec.DisallowUnknownFields()
@@ -48,7 +47,7 @@ func NewAPI(m *Manager, a Access, defaultGrace time.Duration) http.Handler {
 			return
 		}
 		caller, _ := callerOf(r.Context())
-		v, err := m.create(req, caller, a, spare)
+		v, err := m.create(req, caller, a)
 		var re *RequestError
 		var pe *PolicyError
 		switch {

@@ -482,30 +482,53 @@ func TestCommandRunsAtTheDaemonsPriority(t *testing.T) {
 	}
 }
 
-// A spare is woken at each POST before its body is read; a request that
-// is refused gives it back to the pool, the same process, which takes the
-// next session's order after any number of wakes.
-func TestWokenSparesGoBack(t *testing.T) {
+// A spare is woken at each POST before its body is read, and stays in
+// the pool: requests held open and requests refused take none, and start
+// or end none, and the session after them takes one of the same
+// processes.
+func TestRequestsTakeNoSpare(t *testing.T) {
 	d := newDaemon(t, nil)
-	children := func() []string {
-		var all []string
-		tasks, _ := filepath.Glob("/proc/self/task/*/children")
-		for _, f := range tasks {
-			b, _ := os.ReadFile(f)
-			all = append(all, strings.Fields(string(b))...)
-		}
-		sort.Strings(all)
-		return all
-	}
 	proctest.WaitFor(t, 10*time.Second, "the pool full", func() bool { return d.mgr.Spares() == 2 })
-	before := children()
+	before := workerChildren()
+	body := `{"command": "true"}` // no attach_url: refused, 400
+	dial := d.client.Transport.(*http.Transport).DialContext
+	var held []net.Conn
+	for range 3 {
+		c, err := dial(context.Background(), "unix", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		head := fmt.Sprintf("POST /v1/sessions HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:1])
+		if _, err := io.WriteString(c, head); err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
 	for range 20 {
-		if code, v := d.do(t, "POST", "/v1/sessions", `{"command": "true"}`); code != 400 {
+		if code, v := d.do(t, "POST", "/v1/sessions", body); code != 400 {
 			t.Fatalf("a request without attach_url: %d %v", code, v)
 		}
 	}
-	if n, after := d.mgr.Spares(), children(); n != 2 || !slices.Equal(before, after) {
-		t.Fatalf("after 20 refused requests: %d spares, workers %v, were %v", n, after, before)
+	if n, now := d.mgr.Spares(), workerChildren(); n != 2 || !slices.Equal(before, now) {
+		t.Fatalf("with 3 requests held open, after 20 refused: %d spares, workers %v, were %v", n, now, before)
+	}
+	for i, c := range held {
+		if _, err := io.WriteString(c, body[1:]); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("held request %d: %v", i, err)
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Fatalf("held request %d: %s; want 400 (no attach_url)", i, resp.Status)
+		}
+	}
+	if n, now := d.mgr.Spares(), workerChildren(); n != 2 || !slices.Equal(before, now) {
+		t.Fatalf("after the held requests: %d spares, workers %v, were %v", n, now, before)
 	}
 	secret := "woken-secret"
 	id := d.post(t, secret, `"command": "echo woken", "tty": false`)
@@ -523,46 +546,35 @@ func TestWokenSparesGoBack(t *testing.T) {
 	}
 }
 
-// A caller that holds a request open, its body unsent, holds no spare
-// for long: the pool is full again while such requests wait, and each is
-// still answered when its body comes.
-func TestSlowRequestsGiveTheirSparesBack(t *testing.T) {
+// Spares ended with the pool are reaped, not left as zombies: a zombie
+// holds its pid, and counts against the unit's TasksMax.
+func TestEndedSparesAreReaped(t *testing.T) {
 	d := newDaemon(t, nil)
-	const hold = 3 * time.Second // long enough to see the spares taken
-	d.mgr.SetWakeHold(hold)
 	proctest.WaitFor(t, 10*time.Second, "the pool full", func() bool { return d.mgr.Spares() == 2 })
-	body := `{"command": "true"}` // no attach_url: refused, 400
-	dial := d.client.Transport.(*http.Transport).DialContext
-	var conns []net.Conn
-	for range 3 {
-		c, err := dial(context.Background(), "unix", "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		head := fmt.Sprintf("POST /v1/sessions HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:1])
-		if _, err := io.WriteString(c, head); err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
+	spares := workerChildren()
+	if len(spares) != 2 {
+		t.Fatalf("children %v; want the 2 spares", spares)
 	}
-	proctest.WaitFor(t, hold, "the spares taken by 3 requests waiting for their bodies", func() bool { return d.mgr.Spares() == 0 })
-	proctest.WaitFor(t, 10*time.Second, "the spares back in the pool while the requests wait", func() bool { return d.mgr.Spares() == 2 })
-	for i, c := range conns {
-		if _, err := io.WriteString(c, body[1:]); err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			t.Fatalf("request %d: %v", i, err)
-		}
-		_ = resp.Body.Close()
-		if resp.StatusCode != 400 {
-			t.Fatalf("request %d: %s; want 400 (no attach_url)", i, resp.Status)
+	d.mgr.Drain(context.Background(), 0)
+	for _, pid := range spares {
+		b, err := os.ReadFile("/proc/" + pid + "/stat")
+		if err == nil && strings.Contains(string(b), ") Z ") {
+			t.Errorf("spare %s is a zombie after the drain: %s", pid, b)
 		}
 	}
-	if n := d.mgr.Spares(); n != 2 {
-		t.Fatalf("%d spares after the requests; want 2", n)
+	if now := workerChildren(); len(now) != 0 {
+		t.Fatalf("children after the drain: %v; want none", now)
 	}
+}
+
+// workerChildren are this process's children (the test's workers), sorted.
+func workerChildren() []string {
+	var all []string
+	tasks, _ := filepath.Glob("/proc/self/task/*/children")
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		all = append(all, strings.Fields(string(b))...)
+	}
+	sort.Strings(all)
+	return all
 }

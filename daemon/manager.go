@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -85,13 +86,12 @@ type Manager struct {
 	watchers sync.WaitGroup
 	creating sync.WaitGroup // creates between reserving and their worker's answer
 
-	spares    chan *spare
+	spares    []*spare // waiting, the next to be taken first (under mu)
 	spareStop chan struct{}
 	spareDone chan struct{}
 	taken     chan struct{}   // a spare was taken
 	refill    chan struct{}   // a session that took one is running: start the next
 	tickets   tlsdial.Carried // the newest TLS session a worker had per relay name, for the next
-	wakeHold  time.Duration   // wakeHold (under mu: tests set it longer)
 }
 
 // spareDelay is the longest a taken spare's replacement waits for its
@@ -128,9 +128,9 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 	}
 	m := &Manager{
 		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(), key: key,
-		sessions: make(map[string]*managed), spares: make(chan *spare, cfg.Spares),
+		sessions:  make(map[string]*managed),
 		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
-		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1), wakeHold: wakeHold,
+		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1),
 	}
 	if metrics != nil {
 		metrics.MaxSessions.Set(float64(cfg.MaxSessions))
@@ -166,6 +166,7 @@ type spare struct {
 	cmd   *exec.Cmd
 	pidfd *os.File
 	link  *link
+	woke  time.Time // its last wake (under Manager.mu)
 }
 
 // startWorker starts a worker and sets it up; a spare (warm) warms up
@@ -223,6 +224,12 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 func (sp *spare) kill() {
 	sp.link.close() // a spare exits on EOF; the kill is for one that hangs
 	_ = sp.cmd.Process.Kill()
+	if sp.pidfd != nil {
+		// The process's Wait shares the open file behind our pidfd, which
+		// is non-blocking: it would fail (EAGAIN) before the exit, and
+		// leave a zombie.
+		_ = waitExit(sp.pidfd)
+	}
 	_ = sp.cmd.Wait()
 	if sp.pidfd != nil {
 		_ = sp.pidfd.Close()
@@ -235,7 +242,7 @@ func (sp *spare) kill() {
 // that is starting would take the CPU it needs, on a small host.
 func (m *Manager) keepSpares() {
 	defer close(m.spareDone)
-	if cap(m.spares) == 0 {
+	if m.cfg.Spares == 0 {
 		return
 	}
 	for {
@@ -250,13 +257,18 @@ func (m *Manager) keepSpares() {
 				continue
 			}
 		}
-		select {
-		case m.spares <- sp:
-		case <-m.spareStop:
+		m.mu.Lock()
+		stopped := m.sparesStopped()
+		if !stopped {
+			m.spares = append(m.spares, sp)
+		}
+		n := len(m.spares)
+		m.mu.Unlock()
+		if stopped {
 			sp.kill()
 			return
 		}
-		if len(m.spares) < cap(m.spares) {
+		if n < m.cfg.Spares {
 			continue
 		}
 		select {
@@ -276,123 +288,89 @@ func (m *Manager) keepSpares() {
 // stopSpares ends the spares and their making.
 func (m *Manager) stopSpares() {
 	m.mu.Lock()
-	select {
-	case <-m.spareStop:
+	if m.sparesStopped() {
 		m.mu.Unlock()
 		return
-	default:
-		close(m.spareStop)
 	}
+	close(m.spareStop)
 	m.mu.Unlock()
 	<-m.spareDone
-	for {
-		select {
-		case sp := <-m.spares:
-			sp.kill()
-		default:
-			return
-		}
-	}
-}
-
-// woken is a spare taken from the pool for a request still being read,
-// and woken: a process idle for a while takes 100-200 µs to run again on
-// a small virtual host (docs/BENCHMARKS.md), which then overlaps the
-// daemon's own reading of the request instead of following it. The
-// request takes the spare or gives it back, and gives it back by itself
-// after wakeHold.
-type woken struct {
-	m     *Manager
-	mu    sync.Mutex
-	sp    *spare
-	timer *time.Timer
-}
-
-// wakeHold is the longest a request being read holds the spare it woke. A
-// request's body comes in one or two packets, within a millisecond; one
-// that trickles (a slow or hostile caller) gives the spare back to the
-// pool, so that callers who hold requests open cannot empty it.
-const wakeHold = 100 * time.Millisecond
-
-// wakeSpare takes the spare the next session would take, if one waits,
-// and wakes it.
-func (m *Manager) wakeSpare() *woken {
-	w := &woken{m: m}
-	var sp *spare
-	select {
-	case sp = <-m.spares:
-	default:
-		return w
-	}
-	if err := sp.link.send(message{Type: "wake"}); err != nil {
-		// A spare that cannot be written to can take no order either:
-		// it ends, and the pool makes another.
-		sp.kill()
-		select {
-		case m.taken <- struct{}{}:
-		default:
-		}
-		return w
-	}
 	m.mu.Lock()
-	hold := m.wakeHold
+	spares := m.spares
+	m.spares = nil
 	m.mu.Unlock()
-	w.mu.Lock()
-	w.sp = sp
-	w.timer = time.AfterFunc(hold, w.give)
-	w.mu.Unlock()
-	return w
+	for _, sp := range spares {
+		sp.kill()
+	}
 }
 
-// take is the woken spare, for the session; nil when there was none or
-// it went back.
-func (w *woken) take() *spare {
-	if w == nil {
-		return nil
+// sparesStopped reports whether stopSpares ran (under mu).
+func (m *Manager) sparesStopped() bool {
+	select {
+	case <-m.spareStop:
+		return true
+	default:
+		return false
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.timer != nil {
-		w.timer.Stop()
-	}
-	sp := w.sp
-	w.sp = nil
-	return sp
 }
 
-// give puts back a spare no session took: into the pool while the pool
-// is kept and has room, else it ends.
-func (w *woken) give() {
-	sp := w.take()
+// wakeSpare wakes the spare the next session will take, if one waits:
+// a process idle for a while takes 100-200 µs to run again on a small
+// virtual host (docs/BENCHMARKS.md), which then overlaps the daemon's
+// reading of the request instead of following it. The spare stays in the
+// pool, so requests, however many and however slow, take none; and it is
+// woken at most once per wakeEvery, however many come.
+func (m *Manager) wakeSpare() {
+	m.mu.Lock()
+	var sp *spare
+	if len(m.spares) > 0 && time.Since(m.spares[0].woke) >= wakeEvery {
+		sp = m.spares[0]
+		sp.woke = time.Now()
+	}
+	m.mu.Unlock()
 	if sp == nil {
 		return
 	}
-	m := w.m
-	m.mu.Lock()
-	select {
-	case <-m.spareStop: // stopSpares emptied the pool, or will
-	default:
-		select {
-		case m.spares <- sp:
-			m.mu.Unlock()
-			return
-		default: // refilled meanwhile
-		}
+	if err := sp.link.send(message{Type: "wake"}); err != nil {
+		m.dropSpare(sp) // a spare that cannot be written to can take no order either
 	}
-	m.mu.Unlock()
-	sp.kill()
 }
 
-// takeWorker is held, or a spare from the pool, or a worker started now
-// when every spare is taken.
-func (m *Manager) takeWorker(held *spare) (*spare, error) {
-	sp := held
+// wakeEvery is the least time between two wakes of one spare: one woken
+// this recently is still running, or has only just stopped.
+const wakeEvery = time.Millisecond
+
+// dropSpare ends sp if it is still in the pool, and has it replaced. One
+// that a session took meanwhile is the session's: its order fails there.
+func (m *Manager) dropSpare(sp *spare) {
+	m.mu.Lock()
+	i := slices.Index(m.spares, sp)
+	if i >= 0 {
+		m.spares = slices.Delete(m.spares, i, i+1)
+	}
+	m.mu.Unlock()
+	if i < 0 {
+		return
+	}
+	sp.kill()
+	select {
+	case m.taken <- struct{}{}:
+	default:
+	}
+}
+
+// takeWorker is a spare from the pool, or a worker started now when every
+// spare is taken.
+func (m *Manager) takeWorker() (*spare, error) {
+	m.mu.Lock()
+	var sp *spare
+	if len(m.spares) > 0 {
+		sp = m.spares[0]
+		m.spares = slices.Delete(m.spares, 0, 1)
+	}
+	m.mu.Unlock()
 	if sp == nil {
-		select {
-		case sp = <-m.spares:
-		default:
-			return m.startWorker(false) // all spares taken: one now
-		}
+		return m.startWorker(false) // all spares taken: one now
 	}
 	select {
 	case <-m.refill: // from an earlier session: this one's counts
@@ -406,17 +384,18 @@ func (m *Manager) takeWorker(held *spare) (*spare, error) {
 }
 
 // Spares is how many spare workers wait in the pool now.
-func (m *Manager) Spares() int { return len(m.spares) }
+func (m *Manager) Spares() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.spares)
+}
 
 // Create validates req and starts its session in a worker of its own.
 func (m *Manager) Create(req Request) (View, error) {
-	w := m.wakeSpare()
-	defer w.give()
-	return m.create(req, Caller{}, DefaultAccess(), w)
+	return m.create(req, Caller{}, DefaultAccess())
 }
 
-// create starts req's session; it takes w's spare when there is one.
-func (m *Manager) create(req Request, caller Caller, a Access, w *woken) (View, error) {
+func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 	spec, err := specFor(m.cfg, req)
 	if err != nil {
 		return View{}, err
@@ -463,7 +442,7 @@ func (m *Manager) create(req Request, caller Caller, a Access, w *woken) (View, 
 		m.changed()
 		return View{}, err
 	}
-	sp, err := m.takeWorker(w.take())
+	sp, err := m.takeWorker()
 	if err != nil {
 		m.workerFailed()
 		return fail(err)
