@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -213,7 +212,7 @@ func startContainerAs(t testing.TB, hostname string, userns bool, confine []stri
 	}
 	ownUTS, _ := os.Readlink("/proc/self/ns/uts")
 	for time.Now().Before(deadline) {
-		if f := childrenOf(outer); len(f) == 1 {
+		if f := proctest.Children(outer); len(f) == 1 {
 			pid := f[0]
 			// The container's PID 1, its sleep, in a UTS namespace of its
 			// own: not the userns wait loop's sleep, whose namespaces are
@@ -508,7 +507,7 @@ stty size; kill %1 && echo "job control ok"`
 // processes of ours, mounts and cgroups.
 func sandboxLeftovers(t testing.TB) string {
 	t.Helper()
-	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", childrenOf(os.Getpid()), ownCgroups("*"), mounts(t))
+	return fmt.Sprintf("children: %v\ncgroups: %q\nmounts:\n%s", proctest.Children(os.Getpid()), ownCgroups("*"), mounts(t))
 }
 
 // A fork loop inside stops at the pids limit; the host and the agent go
@@ -648,9 +647,9 @@ func TestSandboxCommandHoldsOnlyItsTerminal(t *testing.T) {
 	sleepPid := 0
 	deadline := time.Now().Add(10 * time.Second)
 	for sleepPid == 0 && time.Now().Before(deadline) {
-		for _, init := range childrenOf(os.Getpid()) {
+		for _, init := range proctest.Children(os.Getpid()) {
 			if cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", init)); strings.Contains(string(cmd), "__sandbox-init") {
-				for _, p := range childrenOf(init) {
+				for _, p := range proctest.Children(init) {
 					if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", p)); string(comm) == "sleep\n" {
 						sleepPid = p
 					}
@@ -688,22 +687,6 @@ func TestSandboxCommandHoldsOnlyItsTerminal(t *testing.T) {
 		t.Errorf("result %v: want exited 143", r)
 	}
 	proctest.WaitGone(t, sleepPid)
-}
-
-// childrenOf lists pid's children, forked by any of its threads.
-func childrenOf(pid int) []int {
-	var out []int
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	for _, task := range tasks {
-		b, _ := os.ReadFile(task)
-		for _, f := range strings.Fields(string(b)) {
-			if n, err := strconv.Atoi(f); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	sort.Ints(out)
-	return out
 }
 
 // A raw pty in a sandbox still ends input when the client half-closes: the

@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -489,7 +488,7 @@ func TestCommandRunsAtTheDaemonsPriority(t *testing.T) {
 func TestRequestsTakeNoSpare(t *testing.T) {
 	d := newDaemon(t, nil)
 	proctest.WaitFor(t, 10*time.Second, "the pool full", func() bool { return d.mgr.Spares() == 2 })
-	before := workerChildren()
+	before := proctest.Children(os.Getpid())
 	body := `{"command": "true"}` // no attach_url: refused, 400
 	dial := d.client.Transport.(*http.Transport).DialContext
 	var held []net.Conn
@@ -510,7 +509,7 @@ func TestRequestsTakeNoSpare(t *testing.T) {
 			t.Fatalf("a request without attach_url: %d %v", code, v)
 		}
 	}
-	if n, now := d.mgr.Spares(), workerChildren(); n != 2 || !slices.Equal(before, now) {
+	if n, now := d.mgr.Spares(), proctest.Children(os.Getpid()); n != 2 || !slices.Equal(before, now) {
 		t.Fatalf("with 3 requests held open, after 20 refused: %d spares, workers %v, were %v", n, now, before)
 	}
 	for i, c := range held {
@@ -527,12 +526,13 @@ func TestRequestsTakeNoSpare(t *testing.T) {
 			t.Fatalf("held request %d: %s; want 400 (no attach_url)", i, resp.Status)
 		}
 	}
-	if n, now := d.mgr.Spares(), workerChildren(); n != 2 || !slices.Equal(before, now) {
+	if n, now := d.mgr.Spares(), proctest.Children(os.Getpid()); n != 2 || !slices.Equal(before, now) {
 		t.Fatalf("after the held requests: %d spares, workers %v, were %v", n, now, before)
 	}
 	secret := "woken-secret"
 	id := d.post(t, secret, `"command": "echo woken", "tty": false`)
-	if code, v := d.do(t, "GET", "/v1/sessions/"+id, ""); code != 200 || !slices.Contains(before, fmt.Sprint(v["worker_pid"])) {
+	code, v := d.do(t, "GET", "/v1/sessions/"+id, "")
+	if pid, _ := v["worker_pid"].(float64); code != 200 || !slices.Contains(before, int(pid)) {
 		t.Fatalf("the session: %d %v; want it in one of the woken spares (among %v)", code, v, before)
 	}
 	c := d.attach(t, secret)
@@ -540,7 +540,7 @@ func TestRequestsTakeNoSpare(t *testing.T) {
 	if err != nil || string(got) != "woken\n" {
 		t.Fatalf("the session's output: %q, %v", got, err)
 	}
-	code, v := d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", "")
+	code, v = d.do(t, "GET", "/v1/sessions/"+id+"?wait=20s", "")
 	if code != 200 || v["reason"] != "exited" {
 		t.Fatalf("the session: %d %v; want it exited", code, v)
 	}
@@ -551,30 +551,18 @@ func TestRequestsTakeNoSpare(t *testing.T) {
 func TestEndedSparesAreReaped(t *testing.T) {
 	d := newDaemon(t, nil)
 	proctest.WaitFor(t, 10*time.Second, "the pool full", func() bool { return d.mgr.Spares() == 2 })
-	spares := workerChildren()
+	spares := proctest.Children(os.Getpid())
 	if len(spares) != 2 {
 		t.Fatalf("children %v; want the 2 spares", spares)
 	}
 	d.mgr.Drain(context.Background(), 0)
 	for _, pid := range spares {
-		b, err := os.ReadFile("/proc/" + pid + "/stat")
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 		if err == nil && strings.Contains(string(b), ") Z ") {
-			t.Errorf("spare %s is a zombie after the drain: %s", pid, b)
+			t.Errorf("spare %d is a zombie after the drain: %s", pid, b)
 		}
 	}
-	if now := workerChildren(); len(now) != 0 {
+	if now := proctest.Children(os.Getpid()); len(now) != 0 {
 		t.Fatalf("children after the drain: %v; want none", now)
 	}
-}
-
-// workerChildren are this process's children (the test's workers), sorted.
-func workerChildren() []string {
-	var all []string
-	tasks, _ := filepath.Glob("/proc/self/task/*/children")
-	for _, f := range tasks {
-		b, _ := os.ReadFile(f)
-		all = append(all, strings.Fields(string(b))...)
-	}
-	sort.Strings(all)
-	return all
 }

@@ -167,6 +167,7 @@ type spare struct {
 	pidfd *os.File
 	link  *link
 	woke  time.Time // its last wake (under Manager.mu)
+	wakes int       // how many it was sent (under Manager.mu)
 }
 
 // startWorker starts a worker and sets it up; a spare (warm) warms up
@@ -224,17 +225,35 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 func (sp *spare) kill() {
 	sp.link.close() // a spare exits on EOF; the kill is for one that hangs
 	_ = sp.cmd.Process.Kill()
-	if sp.pidfd != nil {
-		// The process's Wait shares the open file behind our pidfd, which
-		// is non-blocking: it would fail (EAGAIN) before the exit, and
-		// leave a zombie.
-		_ = waitExit(sp.pidfd)
+	if sp.pidfd == nil {
+		_ = sp.cmd.Wait()
+		return
 	}
-	_ = sp.cmd.Wait()
-	if sp.pidfd != nil {
+	// The process's Wait shares the open file behind our pidfd, which is
+	// non-blocking: it would fail (EAGAIN) before the exit, and leave a
+	// zombie. So the exit is waited for on the pidfd first, for as long
+	// as a SIGKILL takes; one the kernel cannot kill yet (a hung
+	// filesystem) is reaped in the background whenever it ends, and holds
+	// up neither a create nor a handover.
+	_ = sp.pidfd.SetReadDeadline(time.Now().Add(killWait))
+	reap := func() {
+		_ = sp.cmd.Wait()
 		_ = sp.pidfd.Close()
 	}
+	if waitExit(sp.pidfd) == nil {
+		reap()
+		return
+	}
+	go func() {
+		_ = sp.pidfd.SetReadDeadline(time.Time{})
+		_ = waitExit(sp.pidfd)
+		reap()
+	}()
 }
+
+// killWait is how long a spare sent SIGKILL is waited for before it is
+// taken to be one the kernel cannot kill yet: a SIGKILL takes a few ms.
+const killWait = time.Second
 
 // keepSpares keeps cfg.Spares workers started ahead, until Release or
 // Drain. A taken spare is replaced once its session runs (its first output
@@ -246,6 +265,25 @@ func (m *Manager) keepSpares() {
 		return
 	}
 	for {
+		m.mu.Lock()
+		full := len(m.spares) >= m.cfg.Spares
+		m.mu.Unlock()
+		if full {
+			// Until one is taken, and its session runs (a taken signal
+			// can be an old one: the pool is counted again after it).
+			select {
+			case <-m.taken:
+			case <-m.spareStop:
+				return
+			}
+			select {
+			case <-m.refill:
+			case <-time.After(spareDelay):
+			case <-m.spareStop:
+				return
+			}
+			continue
+		}
 		sp, err := m.startWorker(true)
 		if err != nil {
 			m.workerFailed()
@@ -262,24 +300,9 @@ func (m *Manager) keepSpares() {
 		if !stopped {
 			m.spares = append(m.spares, sp)
 		}
-		n := len(m.spares)
 		m.mu.Unlock()
 		if stopped {
 			sp.kill()
-			return
-		}
-		if n < m.cfg.Spares {
-			continue
-		}
-		select {
-		case <-m.taken:
-		case <-m.spareStop:
-			return
-		}
-		select {
-		case <-m.refill:
-		case <-time.After(spareDelay):
-		case <-m.spareStop:
 			return
 		}
 	}
@@ -319,13 +342,14 @@ func (m *Manager) sparesStopped() bool {
 // virtual host (docs/BENCHMARKS.md), which then overlaps the daemon's
 // reading of the request instead of following it. The spare stays in the
 // pool, so requests, however many and however slow, take none; and it is
-// woken at most once per wakeEvery, however many come.
+// woken at most once per wakeEvery and maxWakes times, however many come.
 func (m *Manager) wakeSpare() {
 	m.mu.Lock()
 	var sp *spare
-	if len(m.spares) > 0 && time.Since(m.spares[0].woke) >= wakeEvery {
+	if len(m.spares) > 0 && m.spares[0].wakes < maxWakes && time.Since(m.spares[0].woke) >= wakeEvery {
 		sp = m.spares[0]
 		sp.woke = time.Now()
+		sp.wakes++
 	}
 	m.mu.Unlock()
 	if sp == nil {
@@ -339,6 +363,13 @@ func (m *Manager) wakeSpare() {
 // wakeEvery is the least time between two wakes of one spare: one woken
 // this recently is still running, or has only just stopped.
 const wakeEvery = time.Millisecond
+
+// maxWakes bounds the wakes one spare is sent. A spare reads none while it
+// warms up, and each costs about 1 KiB of the socket pair's buffer (some
+// 200 KiB): unbounded, a stream of requests could fill it, and the next
+// wake, or the order, would wait on the write. Past it the spare is no
+// longer woken (a flood of requests makes the wake moot anyway).
+const maxWakes = 64
 
 // dropSpare ends sp if it is still in the pool, and has it replaced. One
 // that a session took meanwhile is the session's: its order fails there.
