@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -155,6 +156,37 @@ func TestPairTimeoutAndCancel(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Pair did not return after its context was cancelled")
+	}
+}
+
+// TestPairCancelledBeforeStart: a ctx that is already done ends Pair at
+// once, every time. Its cancel func runs in a goroutine of its own as soon
+// as it is armed; once, it ran before Pair had set its own deadline, which
+// then overwrote the cancel's, and Pair waited out its whole timeout (CI,
+// tlsdial). Repeated, so the two orders both come up.
+func TestPairCancelledBeforeStart(t *testing.T) {
+	var relay rendezvous.Relay
+	u, tcfg := startRelay(t, &relay)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	cancel(errors.New("session deleted"))
+	const rounds = 200
+	for i := range rounds {
+		u.Secret = fmt.Sprintf("cancelled-%d", i)
+		c, err := tlsdial.Dial(context.Background(), u, tlsdial.Config{TLS: tcfg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		errc := make(chan error, 1)
+		go func() { errc <- c.Pair(ctx, u.Secret, time.Minute) }()
+		select {
+		case err := <-errc:
+			if err == nil || !strings.Contains(err.Error(), "session deleted") {
+				t.Fatalf("round %d: Pair on a done ctx = %v, want the cancel cause", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d of %d: Pair on a done ctx still waits after 10s (its timeout is 1m)", i, rounds)
+		}
+		_ = c.Close()
 	}
 }
 

@@ -49,14 +49,26 @@ func (c *Conn) Pair(ctx context.Context, secret string, timeout time.Duration) e
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 		deadline = dl
 	}
-	// Cancel by deadline on the thing that blocks: ctx cancellation moves
-	// the deadline to now, which ends the blocked Read.
-	stop := context.AfterFunc(ctx, func() { _ = c.Conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
 	if err := c.Conn.SetDeadline(deadline); err != nil {
 		return &PairError{Err: err}
 	}
-	defer func() { _ = c.Conn.SetDeadline(time.Time{}) }() // best effort: conn may be closed
+	// Cancel by deadline on the thing that blocks: ctx cancellation moves
+	// the deadline into the past, which ends the blocked Read or Write. It
+	// is armed after the deadline above is set, so a ctx already done (its
+	// func runs at once, in its own goroutine) cannot be overwritten by it,
+	// and it has finished before the deadline is cleared on return, so no
+	// past deadline is left on the stream the pump takes over.
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = c.Conn.SetDeadline(time.Unix(1, 0))
+		close(fired)
+	})
+	defer func() {
+		if !stop() {
+			<-fired
+		}
+		_ = c.Conn.SetDeadline(time.Time{}) // best effort: conn may be closed
+	}()
 
 	fail := func(err error) error {
 		if ctx.Err() != nil {
