@@ -412,11 +412,11 @@ func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloa
 					return float64(d) / float64(time.Millisecond), err
 				},
 			}
-			got, err := inRounds(setups, []measure{m})
+			got, steal, err := inRounds(setups, []measure{m})
 			if err != nil {
 				return err
 			}
-			report(m, labels, got[0])
+			report(m, labels, got[0], steal)
 		}
 	}
 	var ms []measure
@@ -445,12 +445,12 @@ func (e *env) benchDaemons(bins []string, tests map[string]bool, setups, downloa
 		}})
 	}
 	if len(ms) > 0 {
-		got, err := inRounds(rounds, ms)
+		got, steal, err := inRounds(rounds, ms)
 		if err != nil {
 			return err
 		}
 		for i, m := range ms {
-			report(m, labels, got[i])
+			report(m, labels, got[i], steal)
 		}
 	}
 	if tests["pss"] {

@@ -176,12 +176,12 @@ func benchV2(bin string, tests map[string]bool, downloadMiB, echoMiB, trips, rou
 			return float64(p50) / float64(time.Microsecond), err
 		}})
 	}
-	got, err := inRounds(rounds, ms)
+	got, steal, err := inRounds(rounds, ms)
 	if err != nil {
 		return err
 	}
 	for i, m := range ms {
-		report(m, [2]string{"Heroku wire (v1)", "protocol v2"}, got[i])
+		report(m, [2]string{"Heroku wire (v1)", "protocol v2"}, got[i], steal)
 	}
 	return nil
 }

@@ -86,7 +86,8 @@ type Manager struct {
 	watchers sync.WaitGroup
 	creating sync.WaitGroup // creates between reserving and their worker's answer
 
-	spares    []*spare // waiting, the next to be taken first (under mu)
+	spares    []*spare        // waiting, the next to be taken first (under mu)
+	places    map[string]bool // the places of our spares' records, made or to be (under mu; record.go)
 	spareStop chan struct{}
 	spareDone chan struct{}
 	taken     chan struct{}   // a spare was taken
@@ -128,7 +129,7 @@ func NewManager(cfg Config, log *slog.Logger, metrics *Metrics) (*Manager, error
 	}
 	m := &Manager{
 		cfg: cfg, log: log, metrics: metrics, self: self, env: workerEnv(), key: key,
-		sessions:  make(map[string]*managed),
+		sessions: make(map[string]*managed), places: make(map[string]bool),
 		spareStop: make(chan struct{}), spareDone: make(chan struct{}),
 		taken: make(chan struct{}, 1), refill: make(chan struct{}, 1),
 	}
@@ -163,12 +164,19 @@ func workerEnv() []string {
 
 // spare is a worker started and set up, waiting for its order.
 type spare struct {
-	cmd   *exec.Cmd
-	pidfd *os.File
-	link  *link
-	woke  time.Time // its last wake (under Manager.mu)
-	wakes int       // how many it was sent (under Manager.mu)
+	cmd     *exec.Cmd
+	pidfd   *os.File
+	link    *link
+	place   string          // its record's place (record.go), removed by kill if it is still there
+	forget  func()          // drops the place from Manager.places
+	tickets map[string]bool // the relays it was given TLS sessions for at its setup
+	woke    time.Time       // its last wake (under Manager.mu)
+	wakes   int             // how many it was sent (under Manager.mu)
 }
+
+// maxSetupTickets bounds the TLS sessions a worker is given at its setup,
+// in bytes (one is a few KiB: its relay's chain).
+const maxSetupTickets = 128 << 10
 
 // startWorker starts a worker and sets it up; a spare (warm) warms up
 // before it waits, one started for a session at hand does not (its
@@ -201,13 +209,32 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 		_ = fc.Close()
 		return nil, fmt.Errorf("starting a worker (%s): %w", m.self, err)
 	}
-	sp := &spare{cmd: cmd, link: newLink(fc.(*net.UnixConn))}
+	name := newPlace()
+	m.mu.Lock()
+	m.places[name] = true
+	m.mu.Unlock()
+	sp := &spare{cmd: cmd, link: newLink(fc.(*net.UnixConn)), place: filepath.Join(m.cfg.sessionsDir(), name)}
+	sp.forget = func() {
+		m.mu.Lock()
+		delete(m.places, name)
+		m.mu.Unlock()
+	}
 	if pidfd < 0 {
 		sp.kill()
 		return nil, errors.New("no pidfd for the worker: the daemon needs Linux 5.3 or later (CLONE_PIDFD, pidfd_open)")
 	}
 	sp.pidfd = pollable(pidfd)
-	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm}
+	// The newest TLS sessions now, for whichever session it takes: one
+	// is good for days (crypto/tls checks its age, and an expired one is a
+	// full handshake), and each spare starts with the one the session
+	// before it had, so that one ticket is mostly one dial's.
+	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm, Place: name, Tickets: m.tickets.Snapshot(maxSetupTickets)}
+	for relay := range setup.Tickets {
+		if sp.tickets == nil {
+			sp.tickets = make(map[string]bool)
+		}
+		sp.tickets[relay] = true
+	}
 	if warm {
 		setup.Nice = m.nice
 	}
@@ -221,12 +248,14 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 	return sp, nil
 }
 
-// kill ends a spare that will get no order, and reaps it.
+// kill ends a spare that will get no order, and reaps it; then it removes
+// the spare's place (one that became a session's record has another name).
 func (sp *spare) kill() {
 	sp.link.close() // a spare exits on EOF; the kill is for one that hangs
 	_ = sp.cmd.Process.Kill()
 	if sp.pidfd == nil {
 		_ = sp.cmd.Wait()
+		sp.unplace()
 		return
 	}
 	// The process's Wait shares the open file behind our pidfd, which is
@@ -239,6 +268,7 @@ func (sp *spare) kill() {
 	reap := func() {
 		_ = sp.cmd.Wait()
 		_ = sp.pidfd.Close()
+		sp.unplace()
 	}
 	if waitExit(sp.pidfd) == nil {
 		reap()
@@ -249,6 +279,12 @@ func (sp *spare) kill() {
 		_ = waitExit(sp.pidfd)
 		reap()
 	}()
+}
+
+// unplace removes the place of a spare that has exited.
+func (sp *spare) unplace() {
+	_ = os.RemoveAll(sp.place)
+	sp.forget()
 }
 
 // killWait is how long a spare sent SIGKILL is waited for before it is
@@ -492,6 +528,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 		}
 		return fail(err)
 	}
+	sp.forget() // its place is the session's record now
 	m.mu.Lock()
 	s.rec, s.link, s.pidfd, s.own = rec, sp.link, sp.pidfd, true
 	released := m.released
@@ -515,7 +552,11 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 // hand gives a worker its order, with the newest TLS session a worker
 // had with its relay, and waits (bounded) for its record.
 func (m *Manager) hand(sp *spare, o order, relay string) (record, error) {
-	if err := sp.link.send(message{Type: "order", Order: &o, Ticket: m.tickets.For(relay)}); err != nil {
+	var ticket []byte
+	if !sp.tickets[relay] {
+		ticket = m.tickets.For(relay)
+	}
+	if err := sp.link.send(message{Type: "order", Order: &o, Ticket: ticket}); err != nil {
 		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
 	}
 	_ = sp.link.c.SetReadDeadline(time.Now().Add(m.cfg.SetupTimeout))
@@ -545,11 +586,12 @@ func (m *Manager) listen(s *managed, l *link, relay string) {
 			return
 		}
 		if msg.Type == "running" {
+			// Kept first: the spare the refill starts is given it.
+			m.tickets.Keep(relay, msg.Ticket)
 			select {
 			case m.refill <- struct{}{}:
 			default:
 			}
-			m.tickets.Keep(relay, msg.Ticket)
 		}
 	}
 }
@@ -659,6 +701,10 @@ func (m *Manager) Adopt() (adopted, reported int) {
 		return 0, 0
 	}
 	for _, e := range entries {
+		if e.IsDir() && validPlace(e.Name()) {
+			m.sweepPlace(e)
+			continue
+		}
 		if !e.IsDir() || !validID(e.Name()) {
 			continue // not a record of ours: never touched
 		}
@@ -733,6 +779,26 @@ func (m *Manager) Adopt() (adopted, reported int) {
 	}
 	m.changed()
 	return adopted, reported
+}
+
+// sweepPlace removes a spare's place (record.go) that none of our spares
+// has, once it is older than a worker's setup could take and nobody
+// answers on its socket: a spare that died without removing it, such as
+// one killed with its daemon. Our own spares' places are never probed
+// (each probe would wait in its socket's queue while the spare waits).
+func (m *Manager) sweepPlace(e os.DirEntry) {
+	m.mu.Lock()
+	ours := m.places[e.Name()]
+	m.mu.Unlock()
+	if ours {
+		return
+	}
+	dir := filepath.Join(m.cfg.sessionsDir(), e.Name())
+	fi, err := e.Info()
+	if err == nil && time.Since(fi.ModTime()) > 2*m.cfg.SetupTimeout && !answers(dir) {
+		m.log.Info("removing a spare worker's leftover record place", "dir", dir)
+		_ = os.RemoveAll(dir)
+	}
 }
 
 // validID reports whether name is a session ID as newID makes them: the

@@ -16,12 +16,15 @@ import (
 // fields and message types are ignored, so that a daemon and a worker a
 // version apart still understand what both know.
 //
-//	daemon -> worker  {"type":"setup","config":{...}}        first, at the worker's start (pair only)
+//	daemon -> worker  {"type":"setup","config":{...}}        first, at the worker's start (pair only), with
+//	                                                         the name of its record's place and the newest
+//	                                                         TLS session tickets per relay
 //	daemon -> worker  {"type":"wake"}                         a spare's order is coming: the API is reading
 //	                                                         the request (pair only; none, one or more)
 //	daemon -> worker  {"type":"order","order":{...}}         a session to run (pair only; the secret is in it),
 //	                                                         with the newest TLS session ticket for its relay
-//	worker -> daemon  {"type":"accepted","record":{...}}     the record is written, the session runs
+//	                                                         when the setup gave none for it
+//	worker -> daemon  {"type":"accepted","record":{...}}     the record is in place, the session runs
 //	worker -> daemon  {"type":"refused","error":"..."}       it does not, and the worker exits
 //	worker -> daemon  {"type":"hello","record":{...}}        to each daemon on its control socket
 //	worker -> daemon  {"type":"running"}                     the first output byte went out (with the
@@ -35,11 +38,16 @@ type message struct {
 	Key    []byte  `json:"key,omitempty"`  // with setup: the host's key for secret hashes
 	Warm   bool    `json:"warm,omitempty"` // with setup: a spare, to warm up before it waits
 	Nice   *int    `json:"nice,omitempty"` // with setup: the priority to take before it waits (nice.go)
-	Order  *order  `json:"order,omitempty"`
-	Record *record `json:"record,omitempty"`
-	Result *result `json:"result,omitempty"`
-	Cause  string  `json:"cause,omitempty"`
-	Error  string  `json:"error,omitempty"`
+	// With setup: the name in the sessions directory under which the
+	// worker makes its record before its order (record.go, placePrefix),
+	// and the newest TLS session per relay name, for its dial.
+	Place   string            `json:"place,omitempty"`
+	Tickets map[string][]byte `json:"tickets,omitempty"`
+	Order   *order            `json:"order,omitempty"`
+	Record  *record           `json:"record,omitempty"`
+	Result  *result           `json:"result,omitempty"`
+	Cause   string            `json:"cause,omitempty"`
+	Error   string            `json:"error,omitempty"`
 	// With running (worker to daemon) and order (daemon to worker): a TLS
 	// session with the session's relay (tlsdial.Tickets), so that a fresh
 	// worker's dial is not a full handshake.

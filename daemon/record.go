@@ -3,14 +3,18 @@ package daemon
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/attach-agent/attach-agent/agent"
 	"github.com/attach-agent/attach-agent/container"
@@ -27,7 +31,8 @@ import (
 //	reported      made (O_EXCL) by the one daemon that logs the end
 //
 // Files are written whole to a temporary name and renamed, so a reader
-// never sees half of one.
+// never sees half of one; the record itself appears whole too (see
+// placePrefix).
 const (
 	workerFile   = "worker.json"
 	controlFile  = "control.sock"
@@ -35,6 +40,53 @@ const (
 	resultFile   = "result.json"
 	reportedFile = "reported"
 )
+
+// A worker makes its record's directory before its order comes, under a
+// name no session has: STATE/sessions/.spare-XXXXXXXXXXX (placePrefix and
+// 11 hex digits, as long as an ID, so that its control socket's path fits
+// wherever a record's does), with its control socket in it. At the order
+// it writes worker.json there and renames the directory to the session's
+// ID: the record appears with its worker.json and its socket at once, and
+// the way to the session's first byte makes neither directory nor socket
+// (about 70 µs). A daemon reads no place. It removes its spares' places
+// when it ends them, a spare its own when it leaves without an order, and
+// a daemon's scan one that is none of its spares', old, and that nobody
+// answers on (a spare killed with its daemon).
+const (
+	placePrefix = ".spare-"
+	placeDigits = 11
+)
+
+// newPlace names a spare's place.
+func newPlace() string {
+	b := make([]byte, (placeDigits+1)/2)
+	_, _ = rand.Read(b)
+	return placePrefix + hex.EncodeToString(b)[:placeDigits]
+}
+
+// validPlace reports whether name is a place as newPlace makes them.
+func validPlace(name string) bool {
+	digits, ok := strings.CutPrefix(name, placePrefix)
+	return ok && len(digits) == placeDigits && strings.Trim(digits, "0123456789abcdef") == ""
+}
+
+// publish renames a worker's place to its session's record dir, never
+// over something there (RENAME_NOREPLACE; on a filesystem without it, a
+// plain rename after a check that dir is not there: IDs are random, and
+// only the daemon that reserved one hands it out).
+func publish(place, dir string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, place, unix.AT_FDCWD, dir, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		if _, serr := os.Lstat(dir); !errors.Is(serr, os.ErrNotExist) {
+			return fmt.Errorf("%s: there already, or not to be checked (%v)", dir, serr)
+		}
+		return os.Rename(place, dir)
+	}
+	if err != nil {
+		return &os.LinkError{Op: "rename", Old: place, New: dir, Err: err}
+	}
+	return nil
+}
 
 // recordVersion is the record's and the control protocol's version. A
 // daemon reads the records of older workers: an upgraded daemon adopts the
@@ -133,6 +185,7 @@ func encodeFile(v any) ([]byte, error) {
 // below it.
 const maxRecordFile = 4 << 20
 
+// readFile reads dir/name's JSON into v.
 func readFile(dir, name string, v any) error {
 	// No link is followed: a record's files are regular files of ours.
 	f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDONLY|syscall.O_NOFOLLOW, 0)

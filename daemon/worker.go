@@ -126,13 +126,25 @@ func runWorker() int {
 			return 1
 		}
 	}
-	// After the warm-up, whose miniature relay's session is not one to keep.
+	// After the warm-up, whose miniature relay's session is not one to
+	// keep. The sessions the daemon gave are read now, while nothing
+	// waits (parsing one, its relay's chain in it, takes 50-100 µs).
 	tickets := &tlsdial.Tickets{Identity: tlsdial.IdentityOf(dial.TLS)}
 	if dial.TLS != nil {
 		dial.TLS.ClientSessionCache = tickets
+		for relay, b := range m.Tickets {
+			_ = tickets.Import(tlsdial.TicketKey(dial.TLS, tlsdial.URL{Host: relay}), b) // one that does not parse: a full handshake
+		}
 	}
-	// The record's pid and start time, read before the order comes.
+	// The record's pid and start time, read before the order comes, and
+	// its place, made now (record.go).
 	self, selfErr := container.StartTime(os.Getpid())
+	place := filepath.Join(cfg.sessionsDir(), m.Place)
+	ln, placeErr := makePlace(place, m.Place)
+	made := place // ours to remove on every way out but the session's
+	if placeErr != nil {
+		made = ""
+	}
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).
 	// A wake comes while the daemon reads the request it will hand us:
@@ -141,47 +153,44 @@ func runWorker() int {
 	for err == nil && m.Type == "wake" {
 		m, err = daemonLink.recv()
 	}
+	refuse := func(why string) int {
+		dropPlace(ln, made)
+		_ = daemonLink.send(message{Type: "refused", Error: why})
+		return 1
+	}
 	if err != nil || m.Type != "order" || m.Order == nil {
+		dropPlace(ln, made)
 		return 0
 	}
 	o, ticket := *m.Order, m.Ticket
 	time.AfterFunc(startBound, settle)
 	w := &worker{cfg: cfg, log: log.With("session_id", o.ID), id: o.ID, cancel: cancel, dir: filepath.Join(cfg.sessionsDir(), o.ID), settle: settle, key: key, tickets: tickets, parent: daemonLink, nice: nice}
 	if selfErr != nil {
-		_ = daemonLink.send(message{Type: "refused", Error: "the worker's own start time: " + selfErr.Error()})
-		return 1
+		return refuse("the worker's own start time: " + selfErr.Error())
 	}
 	w.start = self
 	spec, err := w.prepare(o, dial, tlsErr)
 	if err != nil {
-		_ = daemonLink.send(message{Type: "refused", Error: err.Error()})
-		return 1
+		return refuse(err.Error())
 	}
 	if len(ticket) > 0 {
 		_ = tickets.Import(w.ticketKey, ticket) // one that does not parse: a full handshake
 	}
-	// The record first, then the session. Writing it (about 0.15 ms on
-	// the state directory's tmpfs) while the session dials was measured
-	// to slow the dial more than it saves: the record's syscalls and the
-	// daemon's answer to the API take the CPU that the TCP connect and the
-	// TLS handshake need (docs/BENCHMARKS.md, issue 12).
-	refuse := func(why string, made bool) int {
-		if made {
-			_ = os.RemoveAll(w.dir)
-		}
-		_ = daemonLink.send(message{Type: "refused", Error: why})
-		return 1
+	// The record first, then the session: worker.json into the place,
+	// which then becomes the record, whole. Writing the record (about
+	// 0.15 ms on the state directory's tmpfs, when it was made here)
+	// while the session dials was measured to slow the dial more than it
+	// saves: the record's syscalls and the daemon's answer to the API
+	// take the CPU that the TCP connect and the TLS handshake need
+	// (docs/BENCHMARKS.md, issue 12).
+	if placeErr != nil {
+		return refuse("the session's record: " + placeErr.Error())
 	}
-	if err := os.Mkdir(w.dir, 0o700); err != nil {
-		return refuse("the session's record: "+err.Error(), false) // not ours to remove
+	if err := writeFile(place, workerFile, w.rec); err != nil {
+		return refuse("writing the session's record: " + err.Error())
 	}
-	ln, err := w.listen()
-	if err != nil {
-		return refuse(err.Error(), true)
-	}
-	if err := writeFile(w.dir, workerFile, w.rec); err != nil {
-		_ = ln.Close()
-		return refuse("writing the session's record: "+err.Error(), true)
+	if err := publish(place, w.dir); err != nil {
+		return refuse("the session's record: " + err.Error()) // what is at w.dir is not ours
 	}
 	if err := w.join(daemonLink, message{Type: "accepted", Record: &w.rec}); err != nil {
 		// The daemon is gone already: the session is ours alone, and the
@@ -277,19 +286,39 @@ func (w *worker) prepare(o order, dial tlsdial.Config, tlsErr error) (agent.Spec
 	return spec, nil
 }
 
-// listen makes the record's control socket, for daemons that adopt us.
-func (w *worker) listen() (*net.UnixListener, error) {
-	path := filepath.Join(w.dir, controlFile)
+// makePlace makes dir, the record's place named name (record.go), with
+// the control socket daemons that adopt us connect to. On an error it
+// leaves nothing of what it made.
+func makePlace(dir, name string) (*net.UnixListener, error) {
+	if !validPlace(name) {
+		return nil, fmt.Errorf("the daemon named no place for it (%q)", name)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, err // not ours to remove
+	}
+	path := filepath.Join(dir, controlFile)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err == nil {
+		ln.SetUnlinkOnClose(false) // the record goes with the daemon that reports the end
+		if err = os.Chmod(path, 0o600); err != nil {
+			_ = ln.Close()
+		}
+	}
 	if err != nil {
+		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("the session's control socket: %w", err)
 	}
-	ln.SetUnlinkOnClose(false) // the record goes with the daemon that reports the end
-	if err := os.Chmod(path, 0o600); err != nil {
-		_ = ln.Close()
-		return nil, err
-	}
 	return ln, nil
+}
+
+// dropPlace closes ln, when there is one, and removes dir, when named.
+func dropPlace(ln *net.UnixListener, dir string) {
+	if ln != nil {
+		_ = ln.Close()
+	}
+	if dir != "" {
+		_ = os.RemoveAll(dir)
+	}
 }
 
 // accept serves each daemon that connects: only our own uid (the

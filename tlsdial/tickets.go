@@ -126,6 +126,26 @@ func (c *Carried) For(relay string) []byte {
 	return c.m[relay]
 }
 
+// Snapshot is what is kept, copied, up to max bytes of sessions in all
+// (whichever fit), for a process that dials later: what a spare worker is
+// given when it starts. Nil when nothing is kept.
+func (c *Carried) Snapshot(max int) map[string][]byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out map[string][]byte
+	for relay, b := range c.m {
+		if len(b) > max {
+			continue
+		}
+		max -= len(b)
+		if out == nil {
+			out = make(map[string][]byte, len(c.m))
+		}
+		out[relay] = b // never changed in place: Keep stores a new slice
+	}
+	return out
+}
+
 // Export is the session cached for key as bytes for Import, or nil if
 // there is none. They hold the session's resumption secret: they go only
 // where the agent's own memory may.

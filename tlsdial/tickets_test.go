@@ -106,6 +106,34 @@ func TestCarriedIsBounded(t *testing.T) {
 	}
 }
 
+// A snapshot (what a spare starts with) is a copy of what is kept, within
+// its byte bound.
+func TestCarriedSnapshot(t *testing.T) {
+	var c tlsdial.Carried
+	if got := c.Snapshot(1 << 20); got != nil {
+		t.Fatalf("Snapshot of nothing = %v, want nil", got)
+	}
+	c.Keep("relay-a", []byte("aaaa"))
+	c.Keep("relay-b", []byte("bbbbbb"))
+	all := c.Snapshot(1 << 20)
+	if len(all) != 2 || string(all["relay-a"]) != "aaaa" || string(all["relay-b"]) != "bbbbbb" {
+		t.Fatalf("Snapshot = %q, want both relays' sessions", all)
+	}
+	delete(all, "relay-a")
+	if c.For("relay-a") == nil {
+		t.Fatal("changing a snapshot changed what is kept")
+	}
+	for max, want := range map[int]int{3: 0, 4: 1, 6: 1, 9: 1, 10: 2} {
+		got, n := c.Snapshot(max), 0
+		for _, b := range got {
+			n += len(b)
+		}
+		if len(got) != want || n > max {
+			t.Errorf("Snapshot(%d) = %d sessions of %d bytes, want %d within the bound", max, len(got), n, want)
+		}
+	}
+}
+
 // A TLS 1.2 session is not kept: its state is the connection's master
 // secret, which would let whoever it is carried to read that connection.
 func TestTicketsKeepNoTLS12Session(t *testing.T) {
