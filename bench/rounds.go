@@ -49,8 +49,9 @@ func inRounds(rounds int, ms []measure) ([][2][]float64, float64, error) {
 }
 
 // loudSteal is the stolen share above which a run's figures say more
-// about the neighbours than about the code (runs here: below 0.01 when
-// quiet, 0.04-0.08 when the ratios of one binary to itself swing by 20%).
+// about the neighbours than about the code (runs here: at most 0.003 in
+// quiet runs; 0.04-0.24 in runs whose setup ratios swung from 0.86 to
+// 1.26, both ways: docs/BENCHMARKS.md).
 const loudSteal = 0.01
 
 // cpuSteal is the machine's stolen and total CPU time so far, in clock
