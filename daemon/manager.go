@@ -167,16 +167,23 @@ type spare struct {
 	cmd     *exec.Cmd
 	pidfd   *os.File
 	link    *link
-	place   string          // its record's place (record.go), removed by kill if it is still there
-	forget  func()          // drops the place from Manager.places
-	tickets map[string]bool // the relays it was given TLS sessions for at its setup
-	woke    time.Time       // its last wake (under Manager.mu)
-	wakes   int             // how many it was sent (under Manager.mu)
+	place   string            // its record's place (record.go), removed by kill if it is still there
+	forget  func()            // drops the place from Manager.places
+	tickets map[string][]byte // the TLS sessions it was given at its setup, per relay
+	setupAt time.Time         // when
+	woke    time.Time         // its last wake (under Manager.mu)
+	wakes   int               // how many it was sent (under Manager.mu)
 }
 
 // maxSetupTickets bounds the TLS sessions a worker is given at its setup,
-// in bytes (one is a few KiB: its relay's chain).
-const maxSetupTickets = 128 << 10
+// in bytes (one is a few KiB: its relay's chain), so that the setup fits
+// the socket pair's buffer whole.
+const maxSetupTickets = 64 << 10
+
+// ticketFresh is how long a spare dials with the TLS session it was given
+// at its setup; an older spare gets the relay's newest with its order (a
+// relay may rotate its ticket keys: crypto/tls's server does daily).
+const ticketFresh = 10 * time.Minute
 
 // startWorker starts a worker and sets it up; a spare (warm) warms up
 // before it waits, one started for a session at hand does not (its
@@ -227,14 +234,10 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 	// The newest TLS sessions now, for whichever session it takes: one
 	// is good for days (crypto/tls checks its age, and an expired one is a
 	// full handshake), and each spare starts with the one the session
-	// before it had, so that one ticket is mostly one dial's.
+	// before it had, so that one ticket is mostly one dial's (for
+	// ticketFresh: after it, the order brings the newest).
 	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm, Place: name, Tickets: m.tickets.Snapshot(maxSetupTickets)}
-	for relay := range setup.Tickets {
-		if sp.tickets == nil {
-			sp.tickets = make(map[string]bool)
-		}
-		sp.tickets[relay] = true
-	}
+	sp.tickets, sp.setupAt = setup.Tickets, time.Now()
 	if warm {
 		setup.Nice = m.nice
 	}
@@ -552,9 +555,9 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 // hand gives a worker its order, with the newest TLS session a worker
 // had with its relay, and waits (bounded) for its record.
 func (m *Manager) hand(sp *spare, o order, relay string) (record, error) {
-	var ticket []byte
-	if !sp.tickets[relay] {
-		ticket = m.tickets.For(relay)
+	ticket := m.tickets.For(relay)
+	if given := sp.tickets[relay]; len(given) > 0 && (time.Since(sp.setupAt) < ticketFresh || len(ticket) == 0 || &given[0] == &ticket[0]) {
+		ticket = nil // the one it was given will do
 	}
 	if err := sp.link.send(message{Type: "order", Order: &o, Ticket: ticket}); err != nil {
 		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
