@@ -236,7 +236,12 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 	// full handshake), and each spare starts with the one the session
 	// before it had, so that one ticket is mostly one dial's (for
 	// ticketFresh: after it, the order brings the newest).
-	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm, Place: name, Tickets: m.tickets.Snapshot(maxSetupTickets)}
+	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm, Place: name}
+	if warm {
+		// A worker started for a session at hand reads its order at once:
+		// the order brings the one session it needs.
+		setup.Tickets = m.tickets.Snapshot(maxSetupTickets)
+	}
 	sp.tickets, sp.setupAt = setup.Tickets, time.Now()
 	if warm {
 		setup.Nice = m.nice
@@ -553,7 +558,8 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 }
 
 // hand gives a worker its order, with the newest TLS session a worker
-// had with its relay, and waits (bounded) for its record.
+// had with its relay unless the one its setup gave will do, and waits
+// (bounded) for its record.
 func (m *Manager) hand(sp *spare, o order, relay string) (record, error) {
 	ticket := m.tickets.For(relay)
 	if given := sp.tickets[relay]; len(given) > 0 && (time.Since(sp.setupAt) < ticketFresh || len(ticket) == 0 || &given[0] == &ticket[0]) {
@@ -726,9 +732,9 @@ func (m *Manager) Adopt() (adopted, reported int) {
 		}
 		var rec record
 		if err := readFile(dir, workerFile, &rec); err != nil || rec.ID != e.Name() {
-			// No worker.json yet: a worker writing it now (this daemon's
-			// own, or one a daemon before it was handing a session), or
-			// one that died before it was whole. Removed only when it is
+			// No worker.json: a worker of an older version writing it now
+			// (its record was made before worker.json; a current one's
+			// appears with it), or one that died before it was whole. Removed only when it is
 			// old and nobody answers on its control socket; a record that
 			// is there but unreadable is left for the operator.
 			fi, serr := e.Info()
@@ -817,6 +823,9 @@ func validID(name string) bool {
 // answers reports whether something listens on dir's control socket.
 func answers(dir string) bool {
 	c, err := net.DialTimeout("unix", filepath.Join(dir, controlFile), time.Second)
+	if errors.Is(err, syscall.EAGAIN) {
+		return true // a listener whose queue is full: someone is there
+	}
 	if err != nil {
 		return false
 	}

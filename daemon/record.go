@@ -48,7 +48,7 @@ const (
 // it writes worker.json there and renames the directory to the session's
 // ID: the record appears with its worker.json and its socket at once, and
 // the way to the session's first byte makes neither directory nor socket
-// (about 70 µs). A daemon reads no place. It removes its spares' places
+// (about 70 µs). A daemon reads nothing in a place. It removes its spares' places
 // when it ends them, a spare its own when it leaves without an order, and
 // a daemon's scan one that is none of its spares', old, and that nobody
 // answers on (a spare killed with its daemon).
