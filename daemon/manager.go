@@ -236,16 +236,13 @@ func (m *Manager) startWorker(warm bool) (*spare, error) {
 	// full handshake), and each spare starts with the one the session
 	// before it had, so that one ticket is mostly one dial's (for
 	// ticketFresh: after it, the order brings the newest).
+	// A worker started for a session at hand reads its order at once:
+	// the order brings the one session it needs.
 	setup := message{Type: "setup", Config: &m.cfg, Key: m.key, Warm: warm, Place: name}
 	if warm {
-		// A worker started for a session at hand reads its order at once:
-		// the order brings the one session it needs.
-		setup.Tickets = m.tickets.Snapshot(maxSetupTickets)
+		setup.Nice, setup.Tickets = m.nice, m.tickets.Snapshot(maxSetupTickets)
 	}
 	sp.tickets, sp.setupAt = setup.Tickets, time.Now()
-	if warm {
-		setup.Nice = m.nice
-	}
 	if err := sp.link.send(setup); err != nil {
 		sp.kill()
 		return nil, fmt.Errorf("setting up a worker: %w", err)
@@ -287,6 +284,17 @@ func (sp *spare) kill() {
 		_ = waitExit(sp.pidfd)
 		reap()
 	}()
+}
+
+// ticketFor is what an order to sp brings of relay's newest TLS session:
+// nothing when the one its setup gave will do (it is that one, or the
+// spare is younger than ticketFresh).
+func (sp *spare) ticketFor(relay string, newest []byte) []byte {
+	given := sp.tickets[relay]
+	if len(given) > 0 && (len(newest) == 0 || &given[0] == &newest[0] || time.Since(sp.setupAt) < ticketFresh) {
+		return nil
+	}
+	return newest
 }
 
 // unplace removes the place of a spare that has exited.
@@ -561,11 +569,7 @@ func (m *Manager) create(req Request, caller Caller, a Access) (View, error) {
 // had with its relay unless the one its setup gave will do, and waits
 // (bounded) for its record.
 func (m *Manager) hand(sp *spare, o order, relay string) (record, error) {
-	ticket := m.tickets.For(relay)
-	if given := sp.tickets[relay]; len(given) > 0 && (time.Since(sp.setupAt) < ticketFresh || len(ticket) == 0 || &given[0] == &ticket[0]) {
-		ticket = nil // the one it was given will do
-	}
-	if err := sp.link.send(message{Type: "order", Order: &o, Ticket: ticket}); err != nil {
+	if err := sp.link.send(message{Type: "order", Order: &o, Ticket: sp.ticketFor(relay, m.tickets.For(relay))}); err != nil {
 		return record{}, fmt.Errorf("handing the session to its worker: %w", err)
 	}
 	_ = sp.link.c.SetReadDeadline(time.Now().Add(m.cfg.SetupTimeout))
@@ -734,11 +738,10 @@ func (m *Manager) Adopt() (adopted, reported int) {
 		if err := readFile(dir, workerFile, &rec); err != nil || rec.ID != e.Name() {
 			// No worker.json: a worker of an older version writing it now
 			// (its record was made before worker.json; a current one's
-			// appears with it), or one that died before it was whole. Removed only when it is
-			// old and nobody answers on its control socket; a record that
-			// is there but unreadable is left for the operator.
-			fi, serr := e.Info()
-			if os.IsNotExist(err) && serr == nil && time.Since(fi.ModTime()) > 2*m.cfg.SetupTimeout && !answers(dir) {
+			// appears with it), or one that died before it was whole.
+			// Removed only when it is abandoned; a record that is there
+			// but unreadable is left for the operator.
+			if os.IsNotExist(err) && m.abandoned(e) {
 				m.log.Warn("removing an incomplete session record", "dir", dir)
 				_ = os.RemoveAll(dir)
 			} else if err != nil && !os.IsNotExist(err) {
@@ -802,12 +805,19 @@ func (m *Manager) sweepPlace(e os.DirEntry) {
 	if ours {
 		return
 	}
-	dir := filepath.Join(m.cfg.sessionsDir(), e.Name())
-	fi, err := e.Info()
-	if err == nil && time.Since(fi.ModTime()) > 2*m.cfg.SetupTimeout && !answers(dir) {
+	if m.abandoned(e) {
+		dir := filepath.Join(m.cfg.sessionsDir(), e.Name())
 		m.log.Info("removing a spare worker's leftover record place", "dir", dir)
 		_ = os.RemoveAll(dir)
 	}
+}
+
+// abandoned reports whether e, a record or a place in the sessions
+// directory, is older than a worker's setup could take and nobody answers
+// on its control socket.
+func (m *Manager) abandoned(e os.DirEntry) bool {
+	fi, err := e.Info()
+	return err == nil && time.Since(fi.ModTime()) > 2*m.cfg.SetupTimeout && !answers(filepath.Join(m.cfg.sessionsDir(), e.Name()))
 }
 
 // validID reports whether name is a session ID as newID makes them: the

@@ -140,11 +140,7 @@ func runWorker() int {
 	// its place, made now (record.go).
 	self, selfErr := container.StartTime(os.Getpid())
 	place := filepath.Join(cfg.sessionsDir(), m.Place)
-	ln, placeErr := makePlace(place, m.Place)
-	made := place // ours to remove on every way out but the session's
-	if placeErr != nil {
-		made = ""
-	}
+	ln, placeErr := makePlace(place, m.Place) // ours to remove on every way out but the session's
 	// A spare waits here, set up, until a session is ordered or its
 	// daemon no longer needs it (EOF).
 	// A wake comes while the daemon reads the request it will hand us:
@@ -154,12 +150,12 @@ func runWorker() int {
 		m, err = daemonLink.recv()
 	}
 	refuse := func(why string) int {
-		dropPlace(ln, made)
+		dropPlace(ln, place)
 		_ = daemonLink.send(message{Type: "refused", Error: why})
 		return 1
 	}
 	if err != nil || m.Type != "order" || m.Order == nil {
-		dropPlace(ln, made)
+		dropPlace(ln, place)
 		return 0
 	}
 	o, ticket := *m.Order, m.Ticket
@@ -311,14 +307,14 @@ func makePlace(dir, name string) (*net.UnixListener, error) {
 	return ln, nil
 }
 
-// dropPlace closes ln, when there is one, and removes dir, when named.
+// dropPlace closes ln and removes its place, dir, when makePlace made
+// them (ln is nil when it did not: nothing there is ours).
 func dropPlace(ln *net.UnixListener, dir string) {
-	if ln != nil {
-		_ = ln.Close()
+	if ln == nil {
+		return
 	}
-	if dir != "" {
-		_ = os.RemoveAll(dir)
-	}
+	_ = ln.Close()
+	_ = os.RemoveAll(dir)
 }
 
 // accept serves each daemon that connects: only our own uid (the

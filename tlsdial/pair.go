@@ -54,10 +54,10 @@ func (c *Conn) Pair(ctx context.Context, secret string, timeout time.Duration) e
 	}
 	// Cancel by deadline on the thing that blocks: ctx cancellation moves
 	// the deadline into the past, which ends the blocked Read or Write. It
-	// is armed after the deadline above is set, so a ctx already done (its
-	// func runs at once, in its own goroutine) cannot be overwritten by it,
-	// and it has finished before the deadline is cleared on return, so no
-	// past deadline is left on the stream the pump takes over.
+	// is armed after the deadline above is set: for a ctx already done its
+	// func runs at once, in a goroutine of its own, and the pair deadline
+	// must not overwrite it. On return it has finished before the deadline
+	// is cleared, so no past deadline is left on the stream the pump takes.
 	fired := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
 		_ = c.Conn.SetDeadline(time.Unix(1, 0))
